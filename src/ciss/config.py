@@ -1,0 +1,203 @@
+"""Run configuration: dataclasses loaded from YAML plus `--set a.b=c` overrides; unknown keys are errors.
+
+Recipes are data: a recipe is a named dict of overrides applied before the user's file and `--set`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    root: Optional[str] = None
+    train_split: str = "train"
+    test_split: str = "val"
+    task: str = "4-2"
+    setting: str = "overlapped"
+    order: Optional[Any] = None  # None | "A".."E" | "random:<seed>" | path | list of class ids
+    crop_size: int = 64
+    eval_size: Optional[int] = None  # shorter side resized + centre crop; None = native resolution
+    num_workers: int = 0
+    options: dict = field(default_factory=dict)  # extra keyword arguments of the dataset
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "efficientnet_lite0"
+    pretrained: Any = True  # True = weights shipped with the package (efficientnet_lite0); or a path
+    output_stride: int = 16
+    head_channels: int = 256
+
+
+@dataclass
+class OptimConfig:
+    """The papers' recipe: SGD, momentum 0.9, Nesterov, poly schedule; lr 0.01 at step 0, 0.001 after."""
+
+    epochs: int = 30
+    epochs_next: Optional[int] = None  # epochs of steps >= 1; None = same as `epochs`
+    batch_size: int = 24
+    lr: float = 0.01
+    lr_next: float = 0.001
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    grad_clip: Optional[float] = None
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only; ignored with a warning on CPU)
+    eval_batch_size: int = 8
+
+
+@dataclass
+class RunConfig:
+    method: str = "ft"
+    method_args: dict = field(default_factory=dict)
+    calibration: Optional[str] = None
+    recipe: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs"
+    name: Optional[str] = None
+    cache_dir: Optional[str] = None
+    reuse_base: bool = True  # share step-0 checkpoints between runs with the same base step
+    tensorboard: bool = True
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# Recipes: overrides, applied in this order: recipe, YAML file, --set.
+RECIPES: dict[str, dict] = {
+    # MiB/PLOP/SSUL on Pascal VOC: 30 epochs, batch 24, crop 512, OS 16, lr 0.01 then 0.001.
+    "paper": {
+        "data": {"crop_size": 512, "eval_size": 512},
+        "model": {"output_stride": 16, "head_channels": 256},
+        "optim": {"epochs": 30, "batch_size": 24, "lr": 0.01, "lr_next": 0.001},
+    },
+    # Sized for a 2-core machine without GPU: small crops, a narrower head, few epochs.
+    "cpu": {
+        "data": {"crop_size": 224, "eval_size": 224},
+        "model": {"output_stride": 16, "head_channels": 128},
+        "optim": {"epochs": 4, "epochs_next": 4, "batch_size": 8, "lr": 0.01, "lr_next": 0.001,
+                  "eval_batch_size": 16},
+    },
+    # Unit tests and the demo on synthetic data.
+    "tiny": {
+        "data": {"crop_size": 64, "eval_size": None},
+        "model": {"backbone": "tiny", "pretrained": False, "head_channels": 32},
+        "optim": {"epochs": 2, "batch_size": 8, "lr": 0.05, "lr_next": 0.01, "eval_batch_size": 16},
+    },
+}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Light type checks for scalar fields; YAML already gives int/float/bool/str/None."""
+    origin = getattr(typ, "__origin__", None)
+    if typ is Any or origin is not None and typ is not float:
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool) and not isinstance(value, typ):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    if typ is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, overrides: dict, where: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for key, value in overrides.items():
+        path = f"{where}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{path}'; valid keys here: {', '.join(sorted(names))}"
+            )
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' is a section; give a mapping, e.g. {path}.<key>=...")
+            _apply(current, value, path + ".")
+        elif isinstance(current, dict) and isinstance(value, dict) and key in ("options", "method_args"):
+            current.update(value)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def parse_set(items: list[str]) -> dict:
+    """['optim.lr=0.1', 'method=mib'] -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                recipe: str | None = None) -> RunConfig:
+    """Defaults <- recipe <- YAML file <- --set overrides."""
+    user: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of config keys")
+        user = loaded
+    user = _merge(user, parse_set(overrides or []))
+    recipe = user.get("recipe", recipe)
+    cfg = RunConfig()
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe '{recipe}'; valid: {', '.join(sorted(RECIPES))}")
+        _apply(cfg, RECIPES[recipe])
+    _apply(cfg, user)
+    cfg.recipe = recipe
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, d)
+    return cfg
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]

@@ -1,0 +1,484 @@
+"""The one training loop. It knows no method by name: methods act only through their hooks.
+
+Per step: snapshot the frozen old model, grow the classifier, let the method initialise it, train
+the method's phases, checkpoint, evaluate on the test split. Owns device, AMP, DDP, clipping,
+logging, checkpoints, step-0 reuse and resuming.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ciss.config import RunConfig, stable_hash, to_dict
+from ciss.data import build_dataset
+from ciss.data.transforms import EvalTransform, TrainTransform
+from ciss.methods import Method, Phase, build_method
+from ciss.metrics import ConfusionMatrix, StepMetrics, format_table, step_metrics
+from ciss.models import build_segmenter
+from ciss.results import RunDir, load_checkpoint, save_checkpoint
+from ciss.scenario import Scenario, build_scenario
+from ciss.types import Batch, SegOutput, StepContext
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+# ---------------------------------------------------------------------------------------------
+# small pieces
+# ---------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' was asked for but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Batch | list[Batch]:
+    """Stack (image, label, index) items; images of different sizes become single-image batches."""
+    shapes = {tuple(img.shape) for img, _, _ in items}
+    if len(shapes) > 1:
+        return [Batch(image=img[None], label=lab[None], index=torch.tensor([i]))
+                for img, lab, i in items]
+    return Batch(
+        image=torch.stack([it[0] for it in items]),
+        label=torch.stack([it[1] for it in items]).long(),
+        index=torch.tensor([it[2] for it in items]),
+    )
+
+
+def iter_batches(loader: Iterable, device: torch.device) -> Iterator[Batch]:
+    for b in loader:
+        for one in (b if isinstance(b, list) else [b]):
+            yield one.to(device)
+
+
+class DeviceLoader:
+    """A DataLoader view that yields Batches on the device; methods iterate it in their hooks."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader = loader
+        self.device = device
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter_batches(self.loader, self.device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def poly_lambda(total_iters: int, power: float):
+    total = max(1, total_iters)
+    return lambda it: max(0.0, 1.0 - min(it, total) / total) ** power
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank=rank, world=world, local_rank=local)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def autocast_ctx(device: torch.device, amp: str):
+    if amp == "none":
+        return torch.autocast(device_type=device.type, enabled=False)
+    if device.type != "cuda":
+        return torch.autocast(device_type="cpu", enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiment
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: list[StepMetrics] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def table(self, title: str = "") -> str:
+        return format_table(self.steps, title)
+
+
+def peak_rss_mb() -> float:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except (ImportError, OSError):
+        return float("nan")
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    order = "" if cfg.data.order is None else f"-order{cfg.data.order}".replace("/", "_")
+    return f"{cfg.data.dataset}-{cfg.data.task}-{cfg.data.setting}{order}-{cfg.method}-s{cfg.seed}"
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("CISS_CACHE", Path.home() / ".cache" / "ciss"))
+
+
+class Experiment:
+    """Builds data, scenario, model and method from a RunConfig and runs every step."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Optional[Path] = None) -> None:
+        self.cfg = cfg
+        self.dist = init_distributed(cfg.device)
+        self.device = resolve_device(cfg.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.optim.amp != "none" and self.device.type != "cuda":
+            warnings.warn(f"optim.amp={cfg.optim.amp} needs CUDA; training in float32 on "
+                          f"{self.device}", stacklevel=2)
+        self.method: Method = build_method(cfg.method, **cfg.method_args)
+        d = cfg.data
+        self.train_set = build_dataset(d.dataset, split=d.train_split, root=d.root, **d.options)
+        self.test_set = build_dataset(d.dataset, split=d.test_split, root=d.root, **d.options)
+        self.scenario: Scenario = build_scenario(
+            self.train_set, d.task, setting=d.setting, order=d.order, test=self.test_set,
+            cache_dir=cache_root(cfg) / "scenarios", progress=cfg.progress and self.dist.main)
+        self.train_scenario = self.scenario.as_joint() if self.method.offline else self.scenario
+        self.num_base = self.scenario.classes_per_step[0]
+        self.run = RunDir(run_dir or Path(cfg.out_dir) / (cfg.name or default_run_name(cfg)))
+        self.writer = None
+
+    # -- helpers ------------------------------------------------------------------------------
+    def context(self, step: int, epochs: int, iters: int) -> StepContext:
+        return StepContext(step=step, classes_per_step=self.train_scenario.classes_per_step,
+                           num_steps=self.train_scenario.num_steps, epochs=epochs,
+                           iters_per_epoch=iters, device=self.device)
+
+    def build_model(self, classes_per_step: tuple[int, ...]) -> nn.Module:
+        m = self.cfg.model
+        return build_segmenter(backbone=m.backbone, pretrained=m.pretrained,
+                               output_stride=m.output_stride, head_channels=m.head_channels,
+                               classes_per_step=classes_per_step,
+                               num_extra=self.method.num_extra_outputs())
+
+    def base_cache_path(self) -> Path:
+        """Step-0 checkpoints are shared by every run with the same base-step configuration."""
+        c = self.cfg
+        key = {
+            "dataset": self.train_set.cache_key(),
+            "task_step0": list(self.train_scenario.steps[0]),
+            "order": list(self.train_scenario.order),
+            "setting": c.data.setting,
+            "crop": c.data.crop_size,
+            "model": to_dict(c.model),
+            "seed": c.seed,
+            "recipe": {k: getattr(c.optim, k) for k in
+                       ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+                        "poly_power", "grad_clip", "amp")},
+            "base_step": self.method.base_step_key(),
+            "extra_outputs": self.method.num_extra_outputs(),
+            "world": self.dist.world,
+        }
+        return cache_root(c) / "base" / f"{stable_hash(key)}.pt"
+
+    def loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        sampler = None
+        if self.dist.enabled:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                dataset, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=train,
+                seed=self.cfg.seed)
+        g = torch.Generator()
+        g.manual_seed(self.cfg.seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+                          sampler=sampler, num_workers=self.cfg.data.num_workers,
+                          collate_fn=collate, drop_last=train and len(dataset) > batch_size,
+                          generator=g, persistent_workers=False,
+                          pin_memory=self.device.type == "cuda")
+
+    def log_scalars(self, tag: str, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(f"{tag}/{k}", v, step)
+
+    def open_writer(self) -> None:
+        if not (self.cfg.tensorboard and self.dist.main):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is an optional extra; JSONL logs are always written
+            return
+        self.writer = SummaryWriter(str(self.run.path / "tb"))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def checkpoint_state(self, model: nn.Module, step: int, **extra: Any) -> dict[str, Any]:
+        m = unwrap(model)
+        return {"format": "ciss-checkpoint-v1", "step": step, "model": m.state_dict(),
+                "model_config": m.config(), "method": self.method.state_dict(), **extra}
+
+    def load_into(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        m = unwrap(model)
+        want = tuple(state["model_config"]["classes_per_step"])
+        while tuple(m.classes_per_step) != want:
+            if len(m.classes_per_step) >= len(want):
+                raise ValueError(f"checkpoint has classes per step {want}, model has "
+                                 f"{tuple(m.classes_per_step)}")
+            m.add_step(want[len(m.classes_per_step)])
+        m.load_state_dict(state["model"], strict=True)
+        self.method.load_state_dict(state.get("method", {}))
+        return model
+
+    # -- training -----------------------------------------------------------------------------
+    def train_phase(self, model: nn.Module, old_model: Optional[nn.Module], loader: DataLoader,
+                    ctx: StepContext, phase: Phase, phase_idx: int, lr: float,
+                    resume: Optional[dict]) -> None:
+        cfg = self.cfg.optim
+        core = unwrap(model)
+        self.method.on_phase_start(phase, core, old_model, DeviceLoader(loader, self.device), ctx)
+        groups = self.method.param_groups(core, ctx, phase)
+        for g in groups:
+            g["lr"] = lr * phase.lr_scale * g.pop("lr_scale", 1.0)
+        if not any(p.requires_grad for g in groups for p in g["params"]):
+            raise ValueError(f"method '{self.method.name}' returned no trainable parameter for "
+                             f"phase '{phase.name}' of step {ctx.step}")
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                              weight_decay=cfg.weight_decay)
+        total = phase.epochs * max(1, len(loader))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(total, cfg.poly_power))
+        scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and self.device.type == "cuda")
+        start_epoch = 0
+        if resume is not None and resume["phase"] == phase_idx:
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            start_epoch = resume["epoch"] + 1
+        params = [p for g in groups for p in g["params"]]
+        for epoch in range(start_epoch, phase.epochs):
+            if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            sums: dict[str, float] = {}
+            n = 0
+            bar = tqdm(iter_batches(loader, self.device), total=len(loader), leave=False,
+                       disable=not (self.cfg.progress and self.dist.main),
+                       desc=f"step {ctx.step} {phase.name} epoch {epoch + 1}/{phase.epochs}")
+            for batch in bar:
+                self.method.train_mode(core, ctx, phase)
+                with autocast_ctx(self.device, cfg.amp):
+                    out: SegOutput = model(batch.image)
+                    old_out = None
+                    if old_model is not None and self.method.needs_old_model:
+                        with torch.no_grad():
+                            old_out = old_model(batch.image)
+                    targets = self.method.make_targets(batch, out, old_out, ctx)
+                    terms = self.method.loss(out, targets, old_out, batch, ctx)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"step {ctx.step}, phase '{phase.name}', epoch {epoch + 1}: loss is "
+                        f"{loss.item()} ({ {k: float(v) for k, v in terms.items()} }). The last good "
+                        f"checkpoint in {self.run.path / 'ckpt'} is intact; lower optim.lr or check "
+                        f"the data, then rerun the same command to resume.")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                n += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            means = {k: v / max(1, n) for k, v in sums.items()}
+            if self.dist.main:
+                self.run.append_jsonl("losses.jsonl", {"step": ctx.step, "phase": phase.name,
+                                                       "epoch": epoch, **means})
+                self.log_scalars(f"step{ctx.step}/{phase.name}", means, epoch)
+                save_checkpoint(self.run.last_ckpt, self.checkpoint_state(
+                    model, ctx.step, phase=phase_idx, epoch=epoch, optimizer=opt.state_dict(),
+                    scheduler=sched.state_dict()))
+        self.method.on_phase_end(phase, core, old_model, DeviceLoader(loader, self.device), ctx)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int) -> StepMetrics:
+        """Confusion matrix on the whole test split with unseen classes relabelled background."""
+        core = unwrap(model)
+        core.eval()
+        scn = self.train_scenario
+        ctx = self.context(step, 0, 0)
+        data = scn.test_dataset(step, EvalTransform(self.cfg.data.eval_size))
+        if self.dist.enabled:  # each rank evaluates a shard; the matrices are summed
+            data = torch.utils.data.Subset(data, list(range(self.dist.rank, len(data), self.dist.world)))
+        loader = DataLoader(data, batch_size=self.cfg.optim.eval_batch_size, shuffle=False,
+                            num_workers=self.cfg.data.num_workers, collate_fn=collate)
+        cm = ConfusionMatrix(ctx.num_seen, device=self.device)
+        for batch in tqdm(iter_batches(loader, self.device), total=len(loader), leave=False,
+                          disable=not (self.cfg.progress and self.dist.main), desc=f"eval step {step}"):
+            with autocast_ctx(self.device, self.cfg.optim.amp):
+                out = core(batch.image)
+            logits = self.method.eval_logits(out, ctx)
+            cm.update(logits.argmax(1), batch.label)
+        if self.dist.enabled:
+            dist.all_reduce(cm.mat)
+        return step_metrics(cm, step, self.num_base, scn.class_names)
+
+    def run_all(self) -> RunResult:
+        cfg = self.cfg
+        t0 = time.time()
+        seed_everything(cfg.seed)
+        if self.dist.main:
+            self.run.write_config(to_dict(cfg))
+            self.run.write_meta(cfg.seed, {"world_size": self.dist.world,
+                                           "uses_memory": self.method.uses_memory})
+        self.open_writer()
+        scn = self.train_scenario
+        done = self.run.step_results()
+        model = self.build_model((scn.classes_per_step[0],)).to(self.device)
+
+        # Resume: the last step with both a checkpoint and an evaluation record is complete.
+        first = 0
+        for t in range(scn.num_steps):
+            if t in done and self.run.step_ckpt(t).is_file():
+                first = t + 1
+            else:
+                break
+        if first > 0:
+            self.load_into(model, load_checkpoint(self.run.step_ckpt(first - 1)))
+            model.to(self.device)
+        partial = None
+        if self.run.last_ckpt.is_file():
+            state = load_checkpoint(self.run.last_ckpt)
+            if state["step"] == first:
+                partial = state
+
+        results = [StepMetrics(step=r["step"], iou=[float("nan") if v is None else v for v in r["iou"]],
+                               num_base=r["num_base"], class_names=r.get("class_names"))
+                   for t, r in sorted(done.items()) if t < first]
+        for r in results:
+            self.print(format_table([r]).splitlines()[-1] if r.step else format_table([r]))
+
+        for step in range(first, scn.num_steps):
+            self.train_step(model, step, partial)
+            partial = None
+            metrics = self.evaluate(model, step)
+            results.append(metrics)
+            if self.dist.main:
+                row = {**metrics.as_dict(), "method": cfg.method, "wall_time_s": time.time() - t0,
+                       "uses_memory": self.method.uses_memory}
+                self.run.append_jsonl("results.jsonl", row)
+                self.log_scalars("eval", {"miou_old": metrics.miou_old, "miou_new": metrics.miou_new,
+                                          "miou_all": metrics.miou_all}, step)
+                self.print(format_table([metrics]) if step == 0 else format_table([metrics]).splitlines()[-1])
+        res = RunResult(self.run.path, results, time.time() - t0, peak_rss_mb())
+        if self.dist.main:
+            title = f"{cfg.method} on {cfg.data.dataset} {cfg.data.task} {cfg.data.setting}"
+            (self.run.path / "table.txt").write_text(res.table(title) + "\n")
+        if self.writer is not None:
+            self.writer.close()
+        return res
+
+    def print(self, text: str) -> None:
+        if self.dist.main and self.cfg.progress is not None:
+            tqdm.write(text)
+
+    def train_step(self, model: nn.Module, step: int, partial: Optional[dict]) -> None:
+        cfg = self.cfg
+        scn = self.train_scenario
+        core = unwrap(model)
+        old_model = None
+        if step > 0:
+            old_model = copy.deepcopy(core).eval()
+            for p in old_model.parameters():
+                p.requires_grad_(False)
+            core.add_step(scn.classes_per_step[step])
+            core.to(self.device)
+        epochs = cfg.optim.epochs if step == 0 or cfg.optim.epochs_next is None else cfg.optim.epochs_next
+        lr = cfg.optim.lr if step == 0 else cfg.optim.lr_next
+        data = scn.train_dataset(step, TrainTransform(cfg.data.crop_size))
+        if len(data) == 0:
+            raise ValueError(f"step {step} has no training image (task {cfg.data.task}, "
+                             f"setting {cfg.data.setting}); choose another task or class order")
+        loader = self.loader(data, cfg.optim.batch_size, train=True)
+        ctx = self.context(step, epochs, len(loader))
+        if step > 0 and partial is None:
+            self.method.init_new_classifiers(core, old_model, ctx)
+        if partial is not None:
+            self.load_into(core, partial)
+
+        base_path = self.base_cache_path() if step == 0 and cfg.reuse_base else None
+        if base_path is not None and base_path.is_file() and partial is None:
+            self.load_into(core, load_checkpoint(base_path))
+            self.print(f"step 0: reusing the base-step checkpoint {base_path}")
+        else:
+            dev_loader = DeviceLoader(loader, self.device)
+            self.method.on_step_start(core, old_model, dev_loader, ctx)
+            train_model: nn.Module = core
+            if self.dist.enabled:
+                train_model = nn.parallel.DistributedDataParallel(
+                    core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            for i, phase in enumerate(self.method.phases(ctx)):
+                if partial is not None and partial["phase"] > i:
+                    continue
+                self.train_phase(train_model, old_model, loader, ctx, phase, i, lr, partial)
+                partial = None
+            self.method.on_step_end(core, old_model, dev_loader, ctx)
+            if base_path is not None and self.dist.main:
+                save_checkpoint(base_path, self.checkpoint_state(core, 0))
+        if self.dist.main:
+            save_checkpoint(self.run.step_ckpt(step), self.checkpoint_state(core, step))
+            self.run.last_ckpt.unlink(missing_ok=True)
+        if self.dist.enabled:
+            dist.barrier()
+
+
+def train(cfg: RunConfig, run_dir: Optional[Path] = None) -> RunResult:
+    return Experiment(cfg, run_dir).run_all()

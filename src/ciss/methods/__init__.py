@@ -1,0 +1,32 @@
+"""Method registry: `build_method(name, **fields)`, `list_methods()`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ciss.methods.base import Method, Phase
+from ciss.methods.ft import FineTuning
+from ciss.methods.joint import Joint
+
+METHODS: dict[str, type[Method]] = {
+    "ft": FineTuning,
+    "joint": Joint,
+}
+
+
+def list_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def build_method(name: str, **fields: Any) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; valid: {', '.join(list_methods())}")
+    cls = METHODS[name]
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise ValueError(f"method '{name}': bad argument ({exc}); see its fields in "
+                         f"{cls.__module__}") from None
+
+
+__all__ = ["METHODS", "Method", "Phase", "build_method", "list_methods"]

@@ -1,0 +1,103 @@
+"""The method contract. Every hook's default is plain fine-tuning; a method overrides a few.
+
+The engine calls, per step t:
+  init_new_classifiers (t >= 1) -> on_step_start -> for each phase: on_phase_start, param_groups,
+  [train_mode, forward, old forward if needs_old_model, make_targets, loss, backward]*, on_phase_end
+  -> on_step_end -> evaluation through `eval_logits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ciss.losses import cross_entropy
+from ciss.types import Batch, SegOutput, StepContext, Targets
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training inside a step with its own parameters (e.g. NeST's pre-tuning)."""
+
+    name: str
+    epochs: int
+    lr_scale: float = 1.0
+
+
+@dataclass
+class Method:
+    """Fine-tuning: cross-entropy on the current step's labels, every parameter trained."""
+
+    name: ClassVar[str] = "ft"
+    # Forward the frozen previous-step model on every batch and pass its output to the hooks.
+    needs_old_model: ClassVar[bool] = False
+    # Train once on all classes of the scenario (the offline upper bound) instead of step by step.
+    offline: ClassVar[bool] = False
+    # Uses images of past steps (exemplar memory); results are labelled as such.
+    uses_memory: ClassVar[bool] = False
+
+    # ---- identity -------------------------------------------------------------------------
+    def base_step_key(self) -> str:
+        """Identifies how step 0 is trained; methods with equal keys share step-0 checkpoints."""
+        return "ce"
+
+    def num_extra_outputs(self) -> int:
+        """Outputs appended after the real classes (e.g. an 'unknown' logit)."""
+        return 0
+
+    # ---- step life cycle ----------------------------------------------------------------
+    def init_new_classifiers(self, model: nn.Module, old_model: nn.Module, ctx: StepContext) -> None:
+        """Called right after the classifier grew; default keeps the random initialisation."""
+
+    def on_step_start(self, model: nn.Module, old_model: Optional[nn.Module],
+                      loader: Iterable[Batch], ctx: StepContext) -> None:
+        """Before training a step, e.g. thresholds or prototypes computed over the step's data."""
+
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        return [Phase("train", ctx.epochs)]
+
+    def on_phase_start(self, phase: Phase, model: nn.Module, old_model: Optional[nn.Module],
+                       loader: Iterable[Batch], ctx: StepContext) -> None:
+        """Before a phase's optimizer is built."""
+
+    def on_phase_end(self, phase: Phase, model: nn.Module, old_model: Optional[nn.Module],
+                     loader: Iterable[Batch], ctx: StepContext) -> None:
+        """After a phase."""
+
+    def on_step_end(self, model: nn.Module, old_model: Optional[nn.Module],
+                    loader: Iterable[Batch], ctx: StepContext) -> None:
+        """After a step's training, before evaluation and checkpointing."""
+
+    # ---- per batch ------------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, ctx: StepContext, phase: Phase) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; an optional 'lr_scale' key multiplies the recipe's lr."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def train_mode(self, model: nn.Module, ctx: StepContext, phase: Phase) -> None:
+        model.train()
+
+    def make_targets(self, batch: Batch, out: SegOutput, old: Optional[SegOutput],
+                     ctx: StepContext) -> Targets:
+        return Targets(label=batch.label)
+
+    def loss(self, out: SegOutput, targets: Targets, old: Optional[SegOutput], batch: Batch,
+             ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Named loss terms; "loss" is the total that is back-propagated."""
+        ce = cross_entropy(out.logits[:, : ctx.num_seen], targets.label, targets.weight)
+        return {"loss": ce, "ce": ce}
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def eval_logits(self, out: SegOutput, ctx: StepContext) -> torch.Tensor:
+        """Logits of the seen classes used for prediction, (B, num_seen, H, W)."""
+        return out.logits[:, : ctx.num_seen]
+
+    # ---- state kept across steps (saved in checkpoints) --------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"method '{self.name}' keeps no state, got keys {sorted(state)}")

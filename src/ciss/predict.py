@@ -1,0 +1,109 @@
+"""Prediction and visualisation: label PNGs, colour overlays with a legend of class names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ciss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ciss.models import build_segmenter
+from ciss.results import RunDir, load_checkpoint
+
+
+def palette(n: int = 256) -> np.ndarray:
+    """The VOC colour map (bit-interleaved), (n, 3) uint8; index 255 is white for 'ignore'."""
+    out = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    if n > 255:
+        out[255] = (255, 255, 255)
+    return out
+
+
+def overlay(image: np.ndarray, label: np.ndarray, class_names: Sequence[str],
+            alpha: float = 0.5) -> Image.Image:
+    """Blend the colour-coded label over the image and add a legend of the classes present."""
+    pal = palette()
+    colour = pal[label]
+    mixed = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
+    present = [int(c) for c in np.unique(label) if c != 255]
+    row_h = 14
+    legend_w = 140
+    h = max(image.shape[0], row_h * (len(present) + 1))
+    canvas = Image.new("RGB", (image.shape[1] + legend_w, h), (255, 255, 255))
+    canvas.paste(Image.fromarray(mixed), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, c in enumerate(present):
+        y = 4 + k * row_h
+        x = image.shape[1] + 4
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in pal[c]), outline=(0, 0, 0))
+        name = class_names[c] if c < len(class_names) else str(c)
+        draw.text((x + 14, y - 1), name, fill=(0, 0, 0))
+    return canvas
+
+
+def save_label_png(label: np.ndarray, path: Path) -> None:
+    img = Image.fromarray(label.astype(np.uint8), mode="P")
+    img.putpalette(palette().reshape(-1).tolist())
+    img.save(path)
+
+
+class Predictor:
+    """Loads a model from a run directory (its last complete step) and segments images."""
+
+    def __init__(self, run_dir: str | Path, step: Optional[int] = None, device: str = "cpu") -> None:
+        self.run = RunDir(run_dir)
+        done = sorted(self.run.step_results())
+        ckpts = sorted(int(p.stem.split("-")[1]) for p in (self.run.path / "ckpt").glob("step-*.pt"))
+        if not ckpts:
+            raise FileNotFoundError(f"{run_dir}: no step checkpoint yet; train first (ciss train)")
+        self.step = ckpts[-1] if step is None else step
+        state = load_checkpoint(self.run.step_ckpt(self.step))
+        cfg = dict(state["model_config"])
+        cfg["pretrained"] = False  # the checkpoint carries every weight
+        self.model = build_segmenter(**cfg)
+        self.model.load_state_dict(state["model"], strict=True)
+        self.model.eval().to(device)
+        self.device = torch.device(device)
+        self.num_classes = sum(cfg["classes_per_step"])
+        names = None
+        if self.step in self.run.step_results():
+            names = self.run.step_results()[self.step].get("class_names")
+        self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
+        del done
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """image (H, W, 3) uint8 RGB -> (H, W) uint8 model labels."""
+        x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        x = ((x - mean) / std)[None].to(self.device)
+        logits = self.model(x).logits[:, : self.num_classes]
+        return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+
+    def predict_files(self, paths: Sequence[str | Path], out: str | Path) -> list[Path]:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for p in paths:
+            p = Path(p)
+            try:
+                image = np.asarray(Image.open(p).convert("RGB"))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{p}: cannot read this image ({exc})") from None
+            label = self.predict(image)
+            save_label_png(label, out / f"{p.stem}.png")
+            overlay(image, label, self.class_names).save(out / f"{p.stem}_overlay.png")
+            written += [out / f"{p.stem}.png", out / f"{p.stem}_overlay.png"]
+        return written

@@ -1,0 +1,145 @@
+"""Run directory: resolved config, git SHA, per-step JSONL, checkpoints written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+
+def git_sha(cwd: Optional[Path] = None) -> Optional[str]:
+    """The SHA of the checkout the package runs from (None outside a git checkout)."""
+    here = cwd or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save into a temp file then rename, so a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable ciss checkpoint ({exc})") from None
+
+
+class RunDir:
+    """One experiment's folder.
+
+    config.yaml     the resolved configuration
+    meta.json       git SHA, seed, versions, command line, start time
+    results.jsonl   one JSON object per evaluated step (per-class IoU and mIoU old/new/all)
+    losses.jsonl    one JSON object per epoch (mean of every loss term)
+    table.txt       the per-step table as printed
+    ckpt/step-<t>.pt, ckpt/last.pt
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "ckpt").mkdir(exist_ok=True)
+
+    # -- files ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    def step_ckpt(self, step: int) -> Path:
+        return self.path / "ckpt" / f"step-{step}.pt"
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.path / "ckpt" / "last.pt"
+
+    def write_config(self, cfg: dict) -> None:
+        atomic_write_text(self.config_path, yaml.safe_dump(cfg, sort_keys=False))
+
+    def read_config(self) -> dict:
+        if not self.config_path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a ciss run directory (no config.yaml)")
+        return yaml.safe_load(self.config_path.read_text())
+
+    def write_meta(self, seed: int, extra: Optional[dict] = None) -> None:
+        meta = {
+            "git_sha": git_sha(),
+            "seed": seed,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "argv": sys.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        meta.update(extra or {})
+        atomic_write_text(self.path / "meta.json", json.dumps(meta, indent=2))
+
+    def append_jsonl(self, name: str, record: dict) -> None:
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read_jsonl(self, name: str) -> list[dict]:
+        p = self.path / name
+        if not p.is_file():
+            return []
+        rows = []
+        for line in p.read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by a crash: everything before it is valid
+        return rows
+
+    def step_results(self) -> dict[int, dict]:
+        """The latest evaluation record of each step."""
+        out: dict[int, dict] = {}
+        for row in self.read_jsonl("results.jsonl"):
+            out[int(row["step"])] = row
+        return out
+
+    def rewrite_results(self, rows: list[dict]) -> None:
+        atomic_write_text(self.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,33 @@
+import pytest
+
+from ciss.config import ConfigError, RECIPES, from_dict, load_config, parse_set, to_dict
+
+
+def test_defaults_recipe_file_and_set_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("method: ft\noptim:\n  epochs: 7\n  lr: 0.5\n")
+    cfg = load_config(f, ["optim.lr=0.2", "data.options={size: 32}"], recipe="cpu")
+    assert cfg.optim.epochs == 7  # file beats recipe
+    assert cfg.optim.lr == 0.2  # --set beats file
+    assert cfg.data.crop_size == RECIPES["cpu"]["data"]["crop_size"]  # recipe beats defaults
+    assert cfg.data.options == {"size": 32}
+    assert cfg.recipe == "cpu"
+
+
+def test_unknown_keys_and_bad_types_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, ["optim.epochs=abc"])
+    with pytest.raises(ConfigError, match="recipe"):
+        load_config(None, [], recipe="nope")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["novalue"])
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["method=joint", "seed=3"], recipe="tiny")
+    again = from_dict(to_dict(cfg))
+    assert to_dict(again) == to_dict(cfg)
