@@ -265,7 +265,9 @@ class Experiment:
         return {"format": "ciss-checkpoint-v1", "step": step, "model": m.state_dict(),
                 "model_config": m.config(), "method": self.method.state_dict(), **extra}
 
-    def load_into(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+    def load_into(self, model: nn.Module, state: dict[str, Any], with_method: bool = True) -> nn.Module:
+        """Load a checkpoint strictly, growing the classifier to its steps; `with_method=False`
+        for a model that is not the one being trained (e.g. an old-model snapshot)."""
         m = unwrap(model)
         want = tuple(state["model_config"]["classes_per_step"])
         while tuple(m.classes_per_step) != want:
@@ -274,7 +276,8 @@ class Experiment:
                                  f"{tuple(m.classes_per_step)}")
             m.add_step(want[len(m.classes_per_step)])
         m.load_state_dict(state["model"], strict=True)
-        self.method.load_state_dict(state.get("method", {}))
+        if with_method:
+            self.method.load_state_dict(state.get("method", {}))
         return model
 
     # -- training -----------------------------------------------------------------------------
@@ -323,7 +326,7 @@ class Experiment:
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"step {ctx.step}, phase '{phase.name}', epoch {epoch + 1}: loss is "
-                        f"{loss.item()} ({ {k: float(v) for k, v in terms.items()} }). The last good "
+                        f"{loss.detach().item()} ({ {k: float(v.detach()) for k, v in terms.items()} }). The last good "
                         f"checkpoint in {self.run.path / 'ckpt'} is intact; lower optim.lr or check "
                         f"the data, then rerun the same command to resume.")
                 opt.zero_grad(set_to_none=True)
@@ -422,6 +425,10 @@ class Experiment:
         if self.dist.main:
             title = f"{cfg.method} on {cfg.data.dataset} {cfg.data.task} {cfg.data.setting}"
             (self.run.path / "table.txt").write_text(res.table(title) + "\n")
+            self.run.write_summary({
+                "method": cfg.method, "uses_memory": self.method.uses_memory,
+                "wall_time_s": res.wall_time_s, "peak_rss_mb": res.peak_rss_mb,
+                "steps": [m.as_dict() for m in results]})
         if self.writer is not None:
             self.writer.close()
         return res

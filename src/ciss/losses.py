@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,3 +20,103 @@ def cross_entropy(logits: torch.Tensor, label: torch.Tensor,
     valid = (label != IGNORE).float()
     # Normalise by the number of valid pixels, not by the weights, so down-weighting lowers the loss.
     return (per_pixel * weight * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+# ---- output distillation (LwF, ILT, MiB) --------------------------------------------------------
+
+def knowledge_distillation(logits: torch.Tensor, old_logits: torch.Tensor,
+                           alpha: float = 1.0) -> torch.Tensor:
+    """Soft cross-entropy from the old model's old-class distribution to the new model's.
+
+    logits (B, C, H, W) with C >= C_old; old_logits (B, C_old, H, W). Scalar.
+    """
+    c_old = old_logits.shape[1]
+    # MiB's KnowledgeDistillationLoss: student renormalised over the old classes only (utils/loss.py).
+    log_q = F.log_softmax(logits[:, :c_old], dim=1)  # (B, C_old, H, W)
+    # alpha scales only the teacher's logits ("hard-ify the soft labels"), no student temperature.
+    p = F.softmax(old_logits * alpha, dim=1)  # (B, C_old, H, W)
+    # Mean over classes then pixels, as MiB: the 1/C_old factor is part of the loss_kd calibration.
+    return -(p * log_q).mean(dim=1).mean()
+
+
+def unbiased_cross_entropy(logits: torch.Tensor, label: torch.Tensor, num_old: int,
+                           weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MiB's unbiased CE: a background pixel may be any old class, so its target is p(bg) + sum p(old).
+
+    logits (B, C, H, W); label (B, H, W) with labels < num_old treated as background. Scalar.
+    """
+    den = torch.logsumexp(logits, dim=1)  # (B, H, W)
+    log_p = logits - den[:, None]  # (B, C, H, W)
+    log_bg = torch.logsumexp(logits[:, :num_old], dim=1) - den  # (B, H, W)
+    # Channels 1..num_old-1 are never a target once old labels are folded into 0.
+    log_p = torch.cat([log_bg[:, None], log_p[:, 1:]], dim=1)  # (B, C, H, W)
+    label = torch.where(label < num_old, torch.zeros_like(label), label)
+    if weight is None:
+        return F.nll_loss(log_p, label, ignore_index=IGNORE)
+    per_pixel = F.nll_loss(log_p, label, ignore_index=IGNORE, reduction="none")  # (B, H, W)
+    valid = (label != IGNORE).float()
+    return (per_pixel * weight * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def unbiased_knowledge_distillation(logits: torch.Tensor, old_logits: torch.Tensor,
+                                    alpha: float = 1.0) -> torch.Tensor:
+    """MiB's unbiased KD: the old model's background is matched by the new p(bg) + sum p(new).
+
+    logits (B, C, H, W) with C > C_old (new classes at the end); old_logits (B, C_old, H, W). Scalar.
+    """
+    c_old = old_logits.shape[1]
+    den = torch.logsumexp(logits, dim=1)  # (B, H, W)
+    log_old = logits[:, 1:c_old] - den[:, None]  # (B, C_old - 1, H, W)
+    log_bg = torch.logsumexp(torch.cat([logits[:, :1], logits[:, c_old:]], dim=1), dim=1) - den  # (B, H, W)
+    p = F.softmax(old_logits * alpha, dim=1)  # (B, C_old, H, W)
+    # Divided by C_old (MiB averages over the old classes, background included).
+    per_pixel = (p[:, 0] * log_bg + (p[:, 1:] * log_old).sum(dim=1)) / c_old  # (B, H, W)
+    return -per_pixel.mean()
+
+
+# ---- PLOP ---------------------------------------------------------------------------------------
+
+def plop_uncertainty(probs: torch.Tensor, num_seen: int) -> torch.Tensor:
+    """PLOP's per-pixel uncertainty of the old model: entropy / (C_old * log C_old * log num_seen).
+
+    probs (B, C_old, H, W) -> (B, H, W). The scale is PLOP's own (its entropy() averages over the
+    channels and find_median divides by log(nb_current_classes)); kept so that its 0.001 floor on the
+    thresholds means what it means there.
+    """
+    c_old = probs.shape[1]
+    h = -torch.special.xlogy(probs, probs).sum(dim=1)  # (B, H, W) nats
+    # With a single old class the entropy is 0; max(., 2) only avoids 0/0.
+    return h / (c_old * math.log(max(c_old, 2)) * math.log(max(num_seen, 2)))
+
+
+def local_pod(x: torch.Tensor, scales: Sequence[int] = (1, 2, 4)) -> torch.Tensor:
+    """Local POD embedding: in each cell of an s x s grid, the width- and height-pooled means.
+
+    x (B, C, H, W) -> (B, D). Scales with cells smaller than one pixel are skipped (they would be empty
+    regions; PLOP's 512-pixel crops never meet them).
+    """
+    b, _, h, w = x.shape
+    emb = []
+    for s in scales:
+        if s > h or s > w:
+            continue
+        # PLOP slices both axes with w // s (square crops); separate sizes generalise it.
+        kh, kw = h // s, w // s
+        for i in range(s):
+            for j in range(s):
+                cell = x[..., i * kh:(i + 1) * kh, j * kw:(j + 1) * kw]  # (B, C, kh, kw)
+                emb.append(cell.mean(dim=3).reshape(b, -1))  # (B, C * kh)
+                emb.append(cell.mean(dim=2).reshape(b, -1))  # (B, C * kw)
+    return torch.cat(emb, dim=1)
+
+
+def local_pod_distance(old: torch.Tensor, new: torch.Tensor,
+                       scales: Sequence[int] = (1, 2, 4)) -> torch.Tensor:
+    """Mean over images of the L2 distance between local POD embeddings of squared activations.
+
+    old, new (B, C, H, W). Scalar.
+    """
+    # PLOP's pod_prepro="pow" squares the activations; embeddings are not L2-normalised (norm=False).
+    a = local_pod(old.pow(2), scales)  # (B, D)
+    b = local_pod(new.pow(2), scales)  # (B, D)
+    return torch.linalg.vector_norm(a - b, dim=-1).mean()

@@ -141,5 +141,9 @@ class RunDir:
             out[int(row["step"])] = row
         return out
 
+    def write_summary(self, summary: dict) -> None:
+        """summary.json: the final figures of this invocation (wall time covers this invocation only)."""
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+
     def rewrite_results(self, rows: list[dict]) -> None:
         atomic_write_text(self.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -6,11 +6,19 @@ from typing import Any
 
 from ciss.methods.base import Method, Phase
 from ciss.methods.ft import FineTuning
+from ciss.methods.ilt import ILT
 from ciss.methods.joint import Joint
+from ciss.methods.lwf import LwF
+from ciss.methods.mib import MiB
+from ciss.methods.plop import PLOP
 
 METHODS: dict[str, type[Method]] = {
     "ft": FineTuning,
     "joint": Joint,
+    "lwf": LwF,
+    "ilt": ILT,
+    "mib": MiB,
+    "plop": PLOP,
 }
 
 

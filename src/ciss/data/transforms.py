@@ -1,0 +1,131 @@
+"""Joint image/label transforms: numpy uint8 in, normalised float image and long label out.
+
+Labels arrive already relabelled (uint8, model label space, IGNORE = 255), so geometry only ever
+uses nearest-neighbour on them and padding fills IGNORE. Randomness comes from Python's `random`,
+which PyTorch reseeds in every DataLoader worker, so workers draw different crops.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ciss.types import IGNORE
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
+
+
+def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W, 3) uint8 + (H, W) uint8 -> (3, H, W) float normalised + (H, W) long."""
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()  # (3, H, W)
+    img = (img - _MEAN) / _STD
+    lbl = torch.from_numpy(np.ascontiguousarray(label)).long()  # (H, W)
+    return img, lbl
+
+
+def _resize(image: np.ndarray, label: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    if (h, w) == image.shape[:2]:
+        return image, label
+    img = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    lbl = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
+    return img, lbl
+
+
+def _check(image: np.ndarray, label: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if label.shape != image.shape[:2] or label.dtype != np.uint8:
+        raise ValueError(
+            f"label must be (H, W) uint8 matching the image {image.shape[:2]}, got "
+            f"{label.shape} {label.dtype}"
+        )
+
+
+class TrainTransform:
+    """MiB's training augmentation: random scale, pad to the crop (image with the mean, i.e. 0
+    after normalisation; label with IGNORE), random crop, random horizontal flip."""
+
+    def __init__(
+        self,
+        crop_size: int,
+        scale: tuple[float, float] = (0.5, 2.0),
+        hflip: bool = True,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        if crop_size < 1:
+            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
+        self.crop_size = int(crop_size)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.hflip = hflip
+        self.rng = rng if rng is not None else random  # module `random`: reseeded per worker
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check(image, label)
+        s = self.rng.uniform(*self.scale)
+        h, w = image.shape[:2]
+        image, label = _resize(image, label, max(1, round(h * s)), max(1, round(w * s)))
+        if self.hflip and self.rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        c = self.crop_size
+        # Crop and pad in one go: per axis, either a random window of the scaled image, or the
+        # whole (shorter) axis centred in the padded canvas.
+        (sy, dy, ly), (sx, dx, lx) = (self._window(n, c) for n in image.shape[:2])
+        img, lbl = to_tensors(image[sy : sy + ly, sx : sx + lx], label[sy : sy + ly, sx : sx + lx])
+        if (ly, lx) == (c, c):
+            return img, lbl
+        out_img = torch.zeros(3, c, c)  # 0 = the mean after normalisation
+        out_lbl = torch.full((c, c), IGNORE, dtype=torch.long)
+        out_img[:, dy : dy + ly, dx : dx + lx] = img
+        out_lbl[dy : dy + ly, dx : dx + lx] = lbl
+        return out_img, out_lbl
+
+    def _window(self, n: int, c: int) -> tuple[int, int, int]:
+        """(source start, destination start, length) along one axis of length n for crop c."""
+        if n >= c:
+            return self.rng.randint(0, n - c), 0, c
+        return 0, (c - n) // 2, n
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(crop_size={self.crop_size}, scale={self.scale}, hflip={self.hflip})"
+
+
+class EvalTransform:
+    """Evaluation: identity geometry (size=None), or the shorter side resized to `size` (label
+    nearest) and a centre crop of size x size, as MiB's Resize + CenterCrop."""
+
+    def __init__(self, size: Optional[int] = None) -> None:
+        if size is not None and size < 1:
+            raise ValueError(f"size must be positive or None, got {size}")
+        self.size = size
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check(image, label)
+        if self.size is not None:
+            s = self.size
+            h, w = image.shape[:2]
+            if h <= w:
+                nh, nw = s, max(s, round(w * s / h))
+            else:
+                nh, nw = max(s, round(h * s / w)), s
+            image, label = _resize(image, label, nh, nw)
+            top, left = (nh - s) // 2, (nw - s) // 2
+            image = image[top : top + s, left : left + s]
+            label = label[top : top + s, left : left + s]
+        return to_tensors(image, label)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.size})"

@@ -1,0 +1,188 @@
+"""PLOP (Douillard et al., CVPR 2021): entropy-filtered pseudo-labels of old classes in the background
+and Local POD distillation of the backbone stages, the decoder output and the logits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ciss.losses import cross_entropy, local_pod_distance, plop_uncertainty
+from ciss.methods.base import Method
+from ciss.methods.mib import init_balanced
+from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext, Targets
+
+
+def histogram_median(hist: torch.Tensor) -> torch.Tensor:
+    """Per-row median of values in [0, 1] binned uniformly, interpolated inside the median bin.
+
+    hist (C, nb_bins) counts -> (C,); rows without any count give 0.
+    """
+    nb_bins = hist.shape[1]
+    hist = hist.double()
+    total = hist.sum(dim=1)  # (C,)
+    cum = hist.cumsum(dim=1)  # (C, nb_bins)
+    half = total / 2
+    idx = (cum < half[:, None]).sum(dim=1).clamp(max=nb_bins - 1)  # (C,) first bin reaching half
+    in_bin = hist.gather(1, idx[:, None])[:, 0]
+    before = cum.gather(1, idx[:, None])[:, 0] - in_bin
+    frac = torch.where(in_bin > 0, (half - before) / in_bin.clamp_min(1), torch.zeros_like(half))
+    median = (idx.double() + frac) / nb_bins
+    return torch.where(total > 0, median, torch.zeros_like(median)).float()
+
+
+def merge_new_into_background(logits: torch.Tensor, num_old: int) -> torch.Tensor:
+    """(B, C_seen, h, w) -> (B, C_old, h, w): the new-class logits are added to the background's."""
+    # PLOP pod_options "extra_channels": "sum": raw logits summed (not logsumexp) into channel 0.
+    bg = logits[:, :1] + logits[:, num_old:].sum(dim=1, keepdim=True)
+    return torch.cat([bg, logits[:, 1:num_old]], dim=1)
+
+
+@dataclass
+class PLOP(Method):
+    """CE on pseudo-labelled targets (weighted per image by PLOP's adaptive factor) + Local POD."""
+
+    name = "plop"
+    needs_old_model = True
+
+    # PLOP argparser.py 'PLOP': pod_factor 0.01 for the backbone stages and the decoder output ...
+    pod_factor: float = 0.01
+    # ... and pod_options switch.after factor 0.0005 for the last map, the low-res logits (pod_logits).
+    pod_logits_factor: float = 0.0005
+    pod_logits: bool = True
+    # PLOP argparser.py --spp_scales default [1, 2, 4].
+    spp_scales: tuple[int, ...] = (1, 2, 4)
+    # PLOP train.py features_distillation: use_pod_schedule (no_pod_schedule False) -> x sqrt(seen / new).
+    pod_schedule: bool = True
+    # PLOP argparser.py 'PLOP': threshold 0.001, the floor of every class's entropy threshold.
+    entropy_floor: float = 0.001
+    # PLOP train.py find_median: 100 bins on [0, 1] in entropy mode. Coarse on purpose: u stays below
+    # 1 / (C_old log C_seen), so medians interpolate inside the first bins as PLOP's do; raise for exact.
+    median_bins: int = 100
+    # PLOP argparser.py 'PLOP': classif_adaptive_factor True.
+    classif_adaptive_factor: bool = True
+    # PLOP argparser.py 'PLOP': init_balanced True (MiB's background split).
+    init_balanced: bool = True
+
+    # State, not hyperparameters: the (num_old,) thresholds of the step they were computed for.
+    thresholds: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
+    thresholds_step: int = field(default=-1, init=False, repr=False, compare=False)
+
+    # ---- step life cycle --------------------------------------------------------------------
+    def init_new_classifiers(self, model: nn.Module, old_model: nn.Module, ctx: StepContext) -> None:
+        if self.init_balanced:
+            init_balanced(model, old_model, ctx.num_new)
+
+    def on_step_start(self, model: nn.Module, old_model: Optional[nn.Module],
+                      loader: Iterable[Batch], ctx: StepContext) -> None:
+        # PLOP train.py before(): thresholds only for step > 0; step 0 is plain CE.
+        if ctx.step == 0 or old_model is None:
+            return
+        if self.thresholds_step == ctx.step and self.thresholds is not None:
+            return  # resumed inside this step: keep the thresholds it trained with
+        self.thresholds = self.compute_thresholds(old_model, loader, ctx).cpu()
+        self.thresholds_step = ctx.step
+
+    @torch.no_grad()
+    def compute_thresholds(self, old_model: nn.Module, loader: Iterable[Batch],
+                           ctx: StepContext) -> torch.Tensor:
+        """Per old class, the median uncertainty of the background pixels the old model assigns to it,
+        floored at `entropy_floor`. Returns (num_old,)."""
+        was_training = old_model.training
+        old_model.eval()
+        nb = self.median_bins
+        hist = torch.zeros(ctx.num_old * nb, dtype=torch.long, device=ctx.device)
+        for batch in loader:
+            hist = hist.to(batch.image.device)
+            probs = F.softmax(old_model(batch.image).logits[:, : ctx.num_old].float(), dim=1)
+            pred = probs.argmax(dim=1)  # (B, H, W)
+            u = plop_uncertainty(probs, ctx.num_seen)  # (B, H, W)
+            # PLOP find_median: only pixels labelled background (labels == 0).
+            bg = batch.label == BACKGROUND
+            bins = (u[bg] * nb).long().clamp(0, nb - 1)
+            hist += torch.bincount(pred[bg] * nb + bins, minlength=ctx.num_old * nb)
+        old_model.train(was_training)
+        if dist.is_available() and dist.is_initialized():  # every rank must use the same thresholds
+            dist.all_reduce(hist)
+        # PLOP find_median approximates the median in the bin holding half the count (its running sum
+        # adds bin indices instead of counts, a bug we do not copy); entropy mode: max(median, floor).
+        return histogram_median(hist.view(ctx.num_old, nb)).clamp_min(self.entropy_floor)
+
+    # ---- per batch ------------------------------------------------------------------------
+    def make_targets(self, batch: Batch, out: SegOutput, old: Optional[SegOutput],
+                     ctx: StepContext) -> Targets:
+        if ctx.step == 0 or old is None:
+            return Targets(label=batch.label)
+        if self.thresholds is None or self.thresholds_step != ctx.step or \
+                self.thresholds.numel() != ctx.num_old:
+            raise RuntimeError(f"PLOP has no entropy thresholds for step {ctx.step}; "
+                               f"call on_step_start(model, old_model, loader, ctx) first")
+        label = batch.label
+        probs = F.softmax(old.logits[:, : ctx.num_old].float(), dim=1)  # (B, C_old, H, W)
+        pseudo = probs.argmax(dim=1)  # (B, H, W)
+        u = plop_uncertainty(probs, ctx.num_seen)  # (B, H, W)
+        confident = u < self.thresholds.to(u.device)[pseudo]  # (B, H, W)
+        # PLOP masks labels < old_classes, which are the label-0 pixels in its disjoint/overlapped
+        # data; we test label == 0 so that true old labels (sequential setting) are kept.
+        bg = label == BACKGROUND
+        accepted = bg & confident
+        # PLOP train.py pseudo="entropy": confident background -> old argmax (bg included), the
+        # rest of the background -> ignored.
+        new_label = torch.where(accepted, pseudo, torch.where(bg, torch.full_like(label, IGNORE), label))
+        weight = None
+        if self.classif_adaptive_factor:
+            # PLOP train.py: factor = #accepted / (#background + 1e-6) per image, on every pixel's CE.
+            factor = accepted.float().sum(dim=(1, 2)) / (bg.float().sum(dim=(1, 2)) + 1e-6)  # (B,)
+            weight = factor[:, None, None].expand_as(label)
+        return Targets(label=new_label, weight=weight, extra={"pseudo_mask": accepted})
+
+    def loss(self, out: SegOutput, targets: Targets, old: Optional[SegOutput], batch: Batch,
+             ctx: StepContext) -> dict[str, torch.Tensor]:
+        # PLOP multiplies the per-pixel CE by the factor and averages over all pixels; we average over
+        # the non-ignored ones, the toolkit's convention for every method.
+        ce = cross_entropy(out.logits[:, : ctx.num_seen], targets.label, targets.weight)
+        if ctx.step == 0 or old is None:
+            return {"loss": ce, "ce": ce}
+        pod = self.pod_loss(out, old, ctx)
+        return {"loss": ce + pod, "ce": ce, "pod": pod}
+
+    def pod_loss(self, out: SegOutput, old: SegOutput, ctx: StepContext) -> torch.Tensor:
+        # PLOP defaults pod_apply="all" and pod_deeplab_mask=False: every map, no background mask.
+        # PLOP attentions: every backbone stage (pre-activation in its ResNet; our stages are the
+        # post-activation outputs), then the decoder output, then the low-res logits (pod_logits).
+        new_maps = [*out.features["stages"], out.features["head"]]
+        old_maps = [*old.features["stages"], old.features["head"]]
+        factors = [self.pod_factor] * len(new_maps)
+        if self.pod_logits:
+            new_maps.append(merge_new_into_background(
+                out.features["logits_lowres"][:, : ctx.num_seen], ctx.num_old))
+            old_maps.append(old.features["logits_lowres"][:, : ctx.num_old])
+            factors.append(self.pod_logits_factor)
+        # PLOP features_distillation: sqrt(nb_current_classes / nb_new_classes) on every layer.
+        schedule = math.sqrt(ctx.num_seen / ctx.num_new) if self.pod_schedule else 1.0
+        total = sum(f * local_pod_distance(o, n, self.spp_scales)
+                    for f, o, n in zip(factors, old_maps, new_maps))
+        # PLOP returns the sum over layers divided by the number of layers.
+        return schedule * total / len(new_maps)
+
+    # ---- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.thresholds is None:
+            return {}
+        return {"thresholds": self.thresholds.detach().cpu().clone(),
+                "thresholds_step": int(self.thresholds_step)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"thresholds", "thresholds_step"}
+        if unknown:
+            raise ValueError(f"method 'plop': unknown state keys {sorted(unknown)}")
+        # An empty state (a step-0 checkpoint) leaves the thresholds as they are: they are tagged
+        # with their step and recomputed by on_step_start when stale.
+        if "thresholds" in state:
+            self.thresholds = torch.as_tensor(state["thresholds"], dtype=torch.float32).cpu()
+            self.thresholds_step = int(state.get("thresholds_step", -1))

@@ -1,0 +1,117 @@
+"""The segmenter: backbone -> DeepLabV3 head -> incremental classifier -> logits at input size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..types import SegOutput
+from .backbones import build_backbone
+from .classifier import IncrementalClassifier
+from .deeplab import ASPPHead
+
+
+class Segmenter(nn.Module):
+    """Composes a backbone (see ``backbones``), a head mapping its last stage (B, C, h, w) to
+    (B, D, h, w) and exposing ``out_channels = D``, and an ``IncrementalClassifier``.
+
+    forward(x) returns ``SegOutput(logits, features)``: logits (B, num_classes + num_extra, H, W),
+    bilinearly upsampled (align_corners=False); features "stages" (backbone outputs, shallow to deep),
+    "head" (B, D, h, w) and "logits_lowres" (B, num_classes + num_extra, h, w).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, classifier: IncrementalClassifier) -> None:
+        super().__init__()
+        for attr in ("out_channels", "output_stride"):
+            if not hasattr(backbone, attr):
+                raise TypeError(f"backbone {type(backbone).__name__} lacks `{attr}`; see ciss.models.backbones")
+        self.backbone = backbone
+        self.head = head
+        self.classifier = classifier
+
+    @property
+    def classes_per_step(self) -> tuple[int, ...]:
+        return self.classifier.classes_per_step
+
+    @property
+    def num_classes(self) -> int:
+        """Real classes seen so far; the logits have ``num_extra`` more channels after them."""
+        return self.classifier.num_classes
+
+    @property
+    def num_extra(self) -> int:
+        return self.classifier.num_extra
+
+    @property
+    def output_stride(self) -> int:
+        return int(self.backbone.output_stride)
+
+    def add_step(self, n_new: int) -> None:
+        """Grow the classifier by ``n_new`` classes; every existing weight stays bit-identical."""
+        self.classifier.add_step(n_new)
+
+    def forward(self, x: torch.Tensor) -> SegOutput:  # (B, 3, H, W)
+        stages = self.backbone(x)  # shallow to deep, each (B, C_i, H_i, W_i)
+        head = self.head(stages[-1])  # (B, D, h, w)
+        logits_lowres = self.classifier(head)  # (B, C, h, w)
+        logits = F.interpolate(logits_lowres, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return SegOutput(
+            logits=logits,  # (B, C, H, W)
+            features={"stages": stages, "head": head, "logits_lowres": logits_lowres},
+        )
+
+    def config(self) -> dict[str, Any]:
+        """Plain-data description such that ``build_segmenter(**config)`` rebuilds this architecture
+        (same state_dict keys and shapes) for strict checkpoint loading."""
+        name = getattr(self.backbone, "name", None)
+        if name is None or not isinstance(self.head, ASPPHead):
+            raise TypeError(
+                "config() describes segmenters made by build_segmenter (a registered backbone and an "
+                "ASPPHead); save the architecture of a hand-assembled one yourself"
+            )
+        return {
+            "backbone": name,
+            "output_stride": self.output_stride,
+            "head_channels": self.head.out_channels,
+            "classes_per_step": list(self.classes_per_step),
+            "num_extra": self.num_extra,
+        }
+
+
+def build_segmenter(
+    backbone: str = "efficientnet_lite0",
+    pretrained: bool | str | Path = False,
+    output_stride: int = 16,
+    head_channels: int = 256,
+    classes_per_step: Sequence[int] = (21,),
+    num_extra: int = 0,
+) -> Segmenter:
+    """DeepLabV3 on a registered backbone (``list_backbones()``); ``pretrained`` is passed to
+    ``build_backbone`` (only the backbone is ever pretrained)."""
+    body = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
+    head = ASPPHead(body.out_channels[-1], channels=head_channels, output_stride=output_stride)
+    classifier = IncrementalClassifier(head_channels, classes_per_step, num_extra=num_extra)
+    return Segmenter(body, head, classifier)
+
+
+def set_bn_eval(module: nn.Module, freeze_affine: bool = False) -> int:
+    """Put every batch-norm layer under ``module`` in eval mode (running statistics frozen) and, with
+    ``freeze_affine``, stop gradients to their weight and bias. Returns how many layers it touched.
+
+    ``module.train()`` switches BN back to train mode, so call this after every ``train()``.
+    """
+    count = 0
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            if freeze_affine:
+                for p in (m.weight, m.bias):
+                    if p is not None:
+                        p.requires_grad_(False)
+            count += 1
+    return count

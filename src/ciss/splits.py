@@ -1,0 +1,51 @@
+"""`ciss splits`: show which classes and how many images each step of a scenario has, and write
+each step's training image ids (one per line) to OUT/step-<t>.txt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ciss.data.registry import build_dataset
+from ciss.scenario import OrderSpec, Scenario, build_scenario
+
+
+def format_table(scenario: Scenario, header: str) -> str:
+    """Plain-text table: step, #classes, #images, class (or domain) names."""
+    rows = scenario.summary()
+    what = "domains" if scenario.domains else "classes"
+    lines = [header, f"{'step':>4}  {'#' + what:>9}  {'#images':>8}  {what}"]
+    for t, names, n_images in rows:
+        lines.append(f"{t:>4}  {len(names):>9}  {n_images:>8,}  {', '.join(names)}")
+    return "\n".join(lines)
+
+
+def run_splits(
+    dataset: str,
+    root: Optional[str | Path],
+    task: str,
+    setting: str = "overlapped",
+    order: OrderSpec = None,
+    out: Optional[Path] = None,
+    *,
+    split: str = "train",
+    cache_dir: Optional[str | Path] = None,
+    progress: bool = True,
+    **dataset_kw: Any,
+) -> str:
+    """Build the scenario, write OUT/step-<t>.txt (image ids, one per line) and return the table."""
+    data = build_dataset(dataset, split, root, **dataset_kw)
+    scenario = build_scenario(data, task, setting, order=order, cache_dir=cache_dir,
+                              progress=progress)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for t in range(scenario.num_steps):
+            ids = [data.ids[i] for i in scenario.train_indices(t)]
+            (out / f"step-{t}.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+    order_txt = "identity" if order is None else str(order)
+    header = (
+        f"{dataset} {split} ({len(data):,} images), task {scenario.task}, {scenario.setting}, "
+        f"order {order_txt}: {scenario.num_steps} steps"
+    )
+    return format_table(scenario, header)

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny synthetic configuration that trains in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ciss.config import RunConfig, load_config
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+torch.set_num_threads(2)
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> RunConfig:
+    """Synthetic 6 classes, task 4-2 (2 steps), tiny backbone, 32x32 images, 1 epoch."""
+    return load_config(None, [
+        "data.dataset=synthetic",
+        "data.task=4-2",
+        "data.options={num_classes: 6, size: 32, length: 24}",
+        "data.crop_size=32",
+        "optim.epochs=1",
+        "optim.batch_size=8",
+        f"out_dir={tmp_path / 'runs'}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "progress=false",
+        "tensorboard=false",
+        *overrides,
+    ], recipe="tiny")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return lambda *o: tiny_config(tmp_path, *o)

@@ -1,0 +1,130 @@
+import ast
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import ciss.engine
+from ciss.engine import Experiment, TrainingDiverged, train
+from ciss.methods import METHODS, Method, list_methods
+from ciss.results import load_checkpoint
+
+
+def test_engine_never_names_a_method():
+    tree = ast.parse(Path(ciss.engine.__file__).read_text())
+    names = set(list_methods()) | {cls.__name__ for cls in METHODS.values()}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            found.add(node.value)
+        if isinstance(node, ast.Name) and node.id in names:
+            found.add(node.id)
+        if isinstance(node, ast.Attribute) and node.attr in names:
+            found.add(node.attr)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ciss.methods."):
+            found.add(node.module)
+    assert not found, f"the engine mentions methods: {found}"
+
+
+def test_two_step_run_writes_results_and_checkpoints(tiny_cfg):
+    res = train(tiny_cfg())
+    rows = [json.loads(l) for l in (res.run_dir / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert len(rows[0]["iou"]) == 5 and len(rows[1]["iou"]) == 7  # 4+bg, then +2
+    for r in rows:
+        assert 0.0 <= r["miou_all"] <= 1.0
+    assert (res.run_dir / "ckpt" / "step-1.pt").is_file()
+    assert not (res.run_dir / "ckpt" / "last.pt").exists()
+    state = load_checkpoint(res.run_dir / "ckpt" / "step-1.pt")
+    assert state["model_config"]["classes_per_step"] == [5, 2]
+    assert (res.run_dir / "config.yaml").is_file() and (res.run_dir / "meta.json").is_file()
+    losses = [json.loads(l) for l in (res.run_dir / "losses.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in losses} == {0, 1} and all("ce" in r for r in losses)
+
+
+@dataclass
+class _Exploding(Method):
+    """Test-only: NaN loss at step 1."""
+
+    name = "_exploding"
+
+    def loss(self, out, targets, old, batch, ctx):
+        terms = super().loss(out, targets, old, batch, ctx)
+        if ctx.step == 1:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+@dataclass
+class _Crashing(Method):
+    """Test-only: dies in the second epoch of step 1, like a killed job."""
+
+    name = "_crashing"
+    seen: int = 0
+
+    def loss(self, out, targets, old, batch, ctx):
+        if ctx.step == 1:
+            _Crashing.calls = getattr(_Crashing, "calls", 0) + 1
+            if _Crashing.calls > ctx.iters_per_epoch:
+                raise KeyboardInterrupt
+        return super().loss(out, targets, old, batch, ctx)
+
+
+@pytest.fixture
+def extra_methods(monkeypatch):
+    monkeypatch.setitem(METHODS, "_exploding", _Exploding)
+    monkeypatch.setitem(METHODS, "_crashing", _Crashing)
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tiny_cfg, extra_methods):
+    cfg = tiny_cfg("method=_exploding")
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(cfg)
+    run = Path(cfg.out_dir)
+    ckpt = next(run.glob("*/ckpt/step-0.pt"))
+    assert load_checkpoint(ckpt)["step"] == 0
+
+
+def test_resume_continues_from_last_epoch(tiny_cfg, extra_methods):
+    cfg = tiny_cfg("method=_crashing", "optim.epochs_next=3", "name=resume")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    run = Path(cfg.out_dir) / "resume"
+    assert load_checkpoint(run / "ckpt" / "last.pt")["epoch"] == 0
+    cfg2 = tiny_cfg("method=ft", "optim.epochs_next=3", "name=resume")
+    res = train(cfg2)
+    losses = [json.loads(l) for l in (run / "losses.jsonl").read_text().splitlines()]
+    epochs = [(r["step"], r["epoch"]) for r in losses]
+    # step 0 trained once; step 1 epoch 0 from the first run, epochs 1-2 from the resumed run
+    assert epochs == [(0, 0), (1, 0), (1, 1), (1, 2)]
+    assert [s.step for s in res.steps] == [0, 1]
+
+
+def test_finished_run_is_not_retrained(tiny_cfg):
+    cfg = tiny_cfg("name=again")
+    first = train(cfg)
+    before = (first.run_dir / "losses.jsonl").read_text()
+    second = train(cfg)
+    assert (second.run_dir / "losses.jsonl").read_text() == before
+    assert [s.miou_all for s in second.steps] == pytest.approx([s.miou_all for s in first.steps], nan_ok=True)
+
+
+def test_step0_checkpoint_is_shared_between_runs(tiny_cfg):
+    a = train(tiny_cfg("name=a"))
+    b = train(tiny_cfg("name=b", "optim.lr_next=0.02"))
+    sa = load_checkpoint(a.run_dir / "ckpt" / "step-0.pt")["model"]
+    sb = load_checkpoint(b.run_dir / "ckpt" / "step-0.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    losses_b = [json.loads(l) for l in (b.run_dir / "losses.jsonl").read_text().splitlines()]
+    assert all(r["step"] == 1 for r in losses_b), "run b retrained step 0"
+    c = train(tiny_cfg("name=c", "seed=1"))  # another seed is another base step
+    losses_c = [json.loads(l) for l in (c.run_dir / "losses.jsonl").read_text().splitlines()]
+    assert any(r["step"] == 0 for r in losses_c)
+
+
+def test_joint_trains_one_step_on_all_classes(tiny_cfg):
+    res = train(tiny_cfg("method=joint"))
+    assert len(res.steps) == 1
+    assert len(res.steps[0].iou) == 7 and res.steps[0].num_base == 5

@@ -1,0 +1,160 @@
+"""PLOP invariants (Douillard et al., CVPR 2021) on tiny tensors and a tiny model."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ciss.losses import local_pod, local_pod_distance, plop_uncertainty
+from ciss.methods import build_method
+from ciss.methods.plop import histogram_median, merge_new_into_background
+from ciss.models import build_segmenter
+from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext
+
+CTX = StepContext(step=1, classes_per_step=(3, 2), num_steps=2)
+
+
+def test_histogram_median_matches_the_exact_median():
+    torch.manual_seed(0)
+    values = torch.rand(2, 5001) ** 3
+    nb = 1000
+    hist = torch.stack([torch.bincount((v * nb).long().clamp(max=nb - 1), minlength=nb) for v in values])
+    med = histogram_median(hist)
+    torch.testing.assert_close(med, values.median(dim=1).values, atol=1.0 / nb, rtol=0)
+    assert histogram_median(torch.zeros(1, 10, dtype=torch.long)).item() == 0.0
+
+
+def test_pseudo_labels_replace_only_confident_background_with_old_classes():
+    torch.manual_seed(0)
+    plop = build_method("plop")
+    plop.thresholds = torch.tensor([0.02, 0.05, 0.01])
+    plop.thresholds_step = 1
+    old_logits = 3 * torch.randn(2, 3, 8, 8)  # a spread of confident and unsure pixels
+    label = torch.randint(0, 5, (2, 8, 8))
+    label[:, 0, :3] = IGNORE
+    batch = Batch(image=torch.zeros(2, 3, 8, 8), label=label)
+    out = SegOutput(logits=torch.zeros(2, 5, 8, 8))
+    t = plop.make_targets(batch, out, SegOutput(logits=old_logits), CTX)
+
+    probs = F.softmax(old_logits, 1)
+    pred = probs.argmax(1)
+    u = plop_uncertainty(probs, CTX.num_seen)
+    bg = label == BACKGROUND
+    confident = u < plop.thresholds[pred]
+    assert torch.equal(t.label[~bg], label[~bg])  # new-class and ignored pixels untouched
+    assert torch.equal(t.label[bg & confident], pred[bg & confident])  # old argmax, bg included
+    assert (t.label[bg & confident] < CTX.num_old).all()
+    assert (t.label[bg & ~confident] == IGNORE).all()  # unsure background is not trained on
+    assert 0 < (bg & confident).sum() < bg.sum()  # the test exercises both branches
+    factor = (bg & confident).float().sum((1, 2)) / (bg.float().sum((1, 2)) + 1e-6)
+    torch.testing.assert_close(t.weight, factor[:, None, None].expand_as(label))
+
+
+def test_uncertainty_scale_is_plops():
+    p = torch.full((1, 4, 1, 1), 0.25)  # uniform: entropy log 4
+    u = plop_uncertainty(p, num_seen=6)
+    torch.testing.assert_close(u, torch.full((1, 1, 1), 1 / (4 * math.log(6))))
+
+
+def test_local_pod_shape_and_zero_for_identical_maps():
+    x = torch.randn(2, 3, 8, 8)
+    assert local_pod(x).shape == (2, 3 * (16 + 4 * 8 + 16 * 4))
+    assert local_pod_distance(x, x.clone()).item() == 0.0
+    assert local_pod_distance(x, x + 0.1).item() > 0.0
+    # Scales finer than the map are skipped instead of pooling empty cells.
+    assert torch.isfinite(local_pod(torch.randn(1, 2, 2, 2))).all()
+
+
+def test_pod_loss_zero_for_identical_features_and_logits_merge():
+    torch.manual_seed(0)
+    stages = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    head = torch.randn(2, 6, 4, 4)
+    old_low = torch.randn(2, 3, 4, 4)
+    new_low = torch.cat([old_low, torch.zeros(2, 2, 4, 4)], 1)  # new logits add nothing to bg
+    feats = lambda low: {"stages": [s.clone() for s in stages], "head": head.clone(), "logits_lowres": low}
+    old = SegOutput(torch.zeros(2, 3, 8, 8), feats(old_low))
+    new = SegOutput(torch.zeros(2, 5, 8, 8), feats(new_low))
+    plop = build_method("plop")
+    assert plop.pod_loss(new, old, CTX).item() == 0.0
+    merged = merge_new_into_background(torch.ones(1, 5, 1, 1), 3)
+    assert merged.flatten().tolist() == [3.0, 1.0, 1.0]
+    new.features["head"] = head + 1
+    expected = 0.01 * local_pod_distance(head, head + 1) * math.sqrt(5 / 2) / 4
+    torch.testing.assert_close(plop.pod_loss(new, old, CTX), expected)
+
+
+def tiny_setup():
+    torch.manual_seed(0)
+    old = build_segmenter("tiny", classes_per_step=(3,), head_channels=16).eval()
+    model = copy.deepcopy(old)
+    model.add_step(2)
+    batches = [Batch(image=torch.randn(2, 3, 32, 32), label=torch.randint(0, 5, (2, 32, 32)) * (i % 2))
+               for i in range(3)]
+    return old, model, batches
+
+
+def test_thresholds_are_floored_medians_and_survive_a_checkpoint():
+    old, model, batches = tiny_setup()
+    plop = build_method("plop", median_bins=1000)
+    plop.init_new_classifiers(model, old, CTX)
+    plop.on_step_start(model, old, batches, CTX)
+    assert plop.thresholds.shape == (3,) and plop.thresholds_step == 1
+    # Reference: exact per-class median over the background pixels, floored.
+    with torch.no_grad():
+        us, preds = [], []
+        for b in batches:
+            p = F.softmax(old(b.image).logits, 1)
+            bg = b.label == BACKGROUND
+            us.append(plop_uncertainty(p, 5)[bg])
+            preds.append(p.argmax(1)[bg])
+    u, pred = torch.cat(us), torch.cat(preds)
+    for c in range(3):
+        if (pred == c).any():
+            ref = max(u[pred == c].median().item(), plop.entropy_floor)
+            assert abs(plop.thresholds[c].item() - ref) <= 1.0 / 1000 + 1e-6
+        else:
+            assert plop.thresholds[c].item() == pytest.approx(plop.entropy_floor)
+
+    buf = io.BytesIO()
+    torch.save({"method": plop.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["method"]
+    fresh = build_method("plop")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.thresholds, plop.thresholds) and fresh.thresholds_step == 1
+    fresh.load_state_dict({})  # a step-0 checkpoint carries no thresholds and erases none
+    assert fresh.thresholds is not None
+    # Resumed inside the step: the thresholds are kept, not recomputed.
+    kept = fresh.thresholds
+    fresh.on_step_start(model, old, [], CTX)
+    assert fresh.thresholds is kept
+    with pytest.raises(ValueError):
+        fresh.load_state_dict({"bogus": 1})
+
+
+def test_plop_step_loss_and_step0():
+    old, model, batches = tiny_setup()
+    plop = build_method("plop")
+    ctx0 = StepContext(step=0, classes_per_step=(3, 2), num_steps=2)
+    plop.on_step_start(old, None, batches, ctx0)
+    assert plop.thresholds is None and plop.state_dict() == {}
+    b = batches[0]
+    with pytest.raises(RuntimeError, match="on_step_start"):
+        plop.make_targets(b, model(b.image), old(b.image), CTX)
+    plop.init_new_classifiers(model, old, CTX)
+    plop.on_step_start(model, old, batches, CTX)
+    model.train()
+    out = model(b.image)
+    with torch.no_grad():
+        old_out = old(b.image)
+    t = plop.make_targets(b, out, old_out, CTX)
+    terms = plop.loss(out, t, old_out, b, CTX)
+    assert set(terms) == {"loss", "ce", "pod"} and terms["pod"] > 0
+    terms["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    t0 = plop.make_targets(b, out, None, ctx0)
+    assert t0.weight is None and torch.equal(t0.label, b.label)
+    assert plop.base_step_key() == "ce"
