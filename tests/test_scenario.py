@@ -3,6 +3,8 @@ on hand-made masks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +180,7 @@ def test_order_from_file(tmp_path):
     assert resolve_order(str(f), CLASSES) == (0, 3, 1, 2, 5, 4)
     f.write_text("3 1 2 5 4")  # foreground only: background is put first
     assert resolve_order(f, CLASSES) == (0, 3, 1, 2, 5, 4)
+    assert resolve_order("0,3,1, 2 e d", CLASSES) == (0, 3, 1, 2, 5, 4)  # inline, as on a CLI
 
 
 @pytest.mark.parametrize(
@@ -213,7 +216,8 @@ def test_overlapped_vs_disjoint(toy, tmp_path):
     dj = build(toy, "2-1", "disjoint", tmp=tmp_path)
     sq = build(toy, "2-1", "sequential", tmp=tmp_path)
     assert ov.steps == ((0, 1, 2), (3,), (4,), (5,))
-    assert [ov.train_indices(t).tolist() for t in range(4)] == [[0, 1, 2, 7], [1, 3], [4, 7], [4, 6]]
+    assert [ov.train_indices(t).tolist() for t in range(4)] == [
+        [0, 1, 2, 7], [1, 3], [4, 7], [4, 6]]
     # disjoint drops images that show a future class; 0 and 255 never (dis)qualify
     assert [dj.train_indices(t).tolist() for t in range(4)] == [[0, 2], [1, 3], [7], [4, 6]]
     assert [sq.train_indices(t).tolist() for t in range(4)] == [[0, 2], [1, 3], [7], [4, 6]]
@@ -304,7 +308,7 @@ def test_empty_step_is_refused(tmp_path):
 
 def test_scenario_is_frozen_and_hashable(toy, tmp_path):
     sc = build(toy, tmp=tmp_path)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         sc.task = "x"  # type: ignore[misc]
     with pytest.raises(ValueError):
         sc.train_indices(0)[0] = 5  # cached arrays are read-only

@@ -120,3 +120,34 @@ def local_pod_distance(old: torch.Tensor, new: torch.Tensor,
     a = local_pod(old.pow(2), scales)  # (B, D)
     b = local_pod(new.pow(2), scales)  # (B, D)
     return torch.linalg.vector_norm(a - b, dim=-1).mean()
+
+
+# ---- GSC ----------------------------------------------------------------------------------------
+
+def soft_relation_distillation(logits: torch.Tensor, old_logits: torch.Tensor,
+                               label: torch.Tensor) -> torch.Tensor:
+    """GSC's soft semantic relation distillation (eq. 7): CE to the one-hot label whose old-class
+    entries are replaced by the old model's probabilities.
+
+    logits (B, C, H, W) with C >= C_old; old_logits (B, C_old, H, W); label (B, H, W), the current
+    step's ground truth (new classes >= C_old, IGNORE = 255). Scalar.
+    """
+    c_old = old_logits.shape[1]
+    log_q = F.log_softmax(logits, dim=1)  # (B, C, H, W)
+    # Eq. 7 calls them the sigmoid of the old output; eq. 2 uses the same word for the softmax
+    # probability that CE differentiates, so the old model's softmax (its "output probability") is used.
+    p_old = F.softmax(old_logits, dim=1)  # (B, C_old, H, W)
+    per_pixel = -(p_old * log_q[:, :c_old]).sum(dim=1)  # (B, H, W)
+    new = (label >= c_old) & (label < logits.shape[1])  # IGNORE (255) is never a class index here
+    new_term = -log_q.gather(1, torch.where(new, label, torch.zeros_like(label))[:, None])[:, 0]
+    # Eq. 7 averages over every pixel: the old-class part distils even where the label is ignored.
+    return (per_pixel + torch.where(new, new_term, torch.zeros_like(new_term))).mean()
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """GSC's sharp confidence loss (eq. 8): mean per-pixel entropy of the softmax, in nats.
+
+    logits (B, C, H, W). Scalar.
+    """
+    log_q = F.log_softmax(logits, dim=1)  # (B, C, H, W)
+    return -(log_q.exp() * log_q).sum(dim=1).mean()

@@ -108,7 +108,7 @@ def _step_sizes(task: str, total: int, unit: str) -> list[int]:
                 f"task {task!r} does not fit {total} {unit}: after {base} base {unit}, {rest} "
                 f"remain, which is not a multiple of {m}; for N={base} valid M are "
                 f"{', '.join(map(str, divisors))} (or give explicit sizes, e.g. "
-                f"{base}-{'-'.join([str(m)] * (rest // m) + ([str(rest % m)] if rest % m else []))})"
+                f"{base}-{'-'.join([str(m)] * (rest // m) + [str(rest % m)])})"
             )
         return [base] + [m] * (rest // m)
     if sum(nums) != total:
@@ -234,7 +234,8 @@ def resolve_order(order: OrderSpec, classes: Sequence[str]) -> tuple[int, ...]:
 
     order: None / "identity"; "A".."E" (GSC's five VOC 15-1 orders); "random:<seed>" (background
     first, the rest shuffled by numpy RandomState(seed)); a path to a text file of whitespace- or
-    comma-separated ids or class names; or a sequence of ids / names.
+    comma-separated ids or class names; such a list inline ("0,3,1,2"); or a sequence of ids /
+    names.
     """
     n = len(classes)
     if order is None or (isinstance(order, str) and order.strip().lower() == "identity"):
@@ -254,6 +255,11 @@ def resolve_order(order: OrderSpec, classes: Sequence[str]) -> tuple[int, ...]:
         rest = list(range(1, n))
         np.random.RandomState(int(seed_txt)).shuffle(rest)
         return (BACKGROUND, *rest)
+    if isinstance(order, str) and re.search(r"[,\s]", order.strip()) and not Path(order).is_file():
+        # an inline list from a command line: "0,12,9,..." or "0 12 9 ..."
+        where = "class order"
+        tokens = [t for t in re.split(r"[\s,]+", order.strip()) if t]
+        return _check_order([_class_id(t, classes, where) for t in tokens], classes, where)
     if isinstance(order, (str, os.PathLike)):
         path = Path(order).expanduser()
         if not path.is_file():
@@ -313,7 +319,8 @@ def _atomic_save(path: Path, write: Callable[[Any], None]) -> None:
                 os.unlink(tmp)
             raise
     except OSError as e:
-        warnings.warn(f"ciss: could not write cache file {path} ({e}); continuing without it")
+        warnings.warn(f"ciss: could not write cache file {path} ({e}); continuing without it",
+                      stacklevel=3)
 
 
 def presence_table(

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
 from ciss.data.registry import build_dataset
 from ciss.scenario import OrderSpec, Scenario, build_scenario
 
@@ -18,6 +20,17 @@ def format_table(scenario: Scenario, header: str) -> str:
     for t, names, n_images in rows:
         lines.append(f"{t:>4}  {len(names):>9}  {n_images:>8,}  {', '.join(names)}")
     return "\n".join(lines)
+
+
+def _coerce(value: Any) -> Any:
+    """Command-line option strings -> numbers / booleans / lists ("64" -> 64, "false" -> False)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return parsed if isinstance(parsed, (int, float, bool, list)) else value
 
 
 def run_splits(
@@ -34,7 +47,7 @@ def run_splits(
     **dataset_kw: Any,
 ) -> str:
     """Build the scenario, write OUT/step-<t>.txt (image ids, one per line) and return the table."""
-    data = build_dataset(dataset, split, root, **dataset_kw)
+    data = build_dataset(dataset, split, root, **{k: _coerce(v) for k, v in dataset_kw.items()})
     scenario = build_scenario(data, task, setting, order=order, cache_dir=cache_dir,
                               progress=progress)
     if out is not None:

@@ -20,7 +20,7 @@ from ciss.types import IGNORE
 # PNGs are read by index, which is how VOC ships its masks.
 LABEL_MODES = ("L", "P")
 
-# Bumped when the meaning of a cache_key() or of a presence table changes, so old caches are skipped.
+# Bumped when the meaning of a cache_key() or a presence table changes: old caches are skipped.
 CACHE_FORMAT = 1
 
 
@@ -156,7 +156,7 @@ class SegDataset:
         return self.load_image(i), self.load_mask(i)
 
     def class_presence(self, i: int) -> np.ndarray:
-        """(256,) bool: which raw values occur in mask i. Subclasses read it faster when they can."""
+        """(256,) bool: which raw values occur in mask i (subclasses read it faster if they can)."""
         mask = self.load_mask(i)
         return np.bincount(mask.ravel(), minlength=256)[:256] > 0
 
@@ -172,7 +172,7 @@ class SegDataset:
         return valid
 
     def key_params(self) -> dict[str, Any]:
-        """Everything besides root/split/ids that changes the masks (generation params, mappings)."""
+        """What besides root/split/ids changes the masks (generation params, mappings)."""
         return {}
 
     def cache_key(self) -> str:

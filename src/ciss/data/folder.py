@@ -200,7 +200,7 @@ class FolderDataset(SegDataset):
 
     def check_headers(self) -> None:
         """Readable files, index-PNG labels, and image size == label size, from headers only."""
-        for img_path, lbl_path in zip(self._image_paths, self._label_paths):
+        for img_path, lbl_path in zip(self._image_paths, self._label_paths, strict=True):
             w, h = header_size(img_path, "image")
             with open_label(lbl_path) as lbl:
                 lw, lh = lbl.size
@@ -254,4 +254,6 @@ def open_folder(
             "dataset 'folder' needs a root: the folder holding classes.txt, images/, labels/ and "
             "splits/"
         )
+    if isinstance(check_files, str):  # from a command line
+        check_files = check_files.strip().lower() not in ("0", "false", "no", "off")
     return FolderDataset(root, split, check_files=check_files)

@@ -1,9 +1,9 @@
 """Tiny exemplar memory with SSUL-M's class-balanced sampling, and half-memory batches.
 
 After step t the memory holds `size` training images split evenly over all foreground classes seen
-so far: classes are visited round-robin (in a shuffled order), and each visit takes one not-yet-taken
-candidate holding that class, candidates being the previous memory plus step t's training images.
-So every seen class keeps at least one image whenever size >= number of classes.
+so far: classes are visited round-robin (in a shuffled order), and each visit takes one
+not-yet-taken candidate holding that class, candidates being the previous memory plus step t's
+training images. So every seen class keeps at least one image whenever size >= number of classes.
 
 Labels: as in SSUL (`image_set='memory'`), a memory image is relabelled at step t with the ground
 truth of every class seen up to t (`Scenario.test_lut(t)`), whatever step it was stored at.
@@ -68,7 +68,7 @@ class ExemplarMemory:
     ) -> None:
         """Low-level update: presence (N, 256) bool of the train dataset; `classes` = the seen
         foreground raw class ids to balance over; `new_indices` = this step's training images."""
-        carried = dict(zip(self._indices, self._steps))
+        carried = dict(zip(self._indices, self._steps, strict=True))
         cands = list(dict.fromkeys([*self._indices, *map(int, new_indices)]))  # unique, stable
         origin = np.asarray([carried.get(i, step) for i in cands], dtype=np.int64)
         rng = np.random.RandomState(self.seed * 1000 + step)

@@ -13,6 +13,7 @@ and every run, and train and val never share an item.
 from __future__ import annotations
 
 import colorsys
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -126,7 +127,12 @@ class SyntheticDataset(SegDataset):
                 f"synthetic num_classes={num_classes}: supported are 1..{MAX_CLASSES} foreground "
                 f"classes (one per shape x texture pair)"
             )
-        hw = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(map(int, size))
+        if isinstance(size, str):  # from a command line: "64", "48x64" or "48,64"
+            parts = [p for p in re.split(r"[x,\s()\[\]]+", size) if p]
+            size = int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts)
+        if isinstance(size, (int, np.integer)):
+            size = (size, size)
+        hw = tuple(int(x) for x in size)
         if len(hw) != 2 or min(hw) < 16:
             raise DataError(f"synthetic size={size}: use an int or (H, W), each at least 16")
         n = DEFAULT_LENGTHS.get(split, 60) if length is None else int(length)

@@ -25,9 +25,10 @@ _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
 
 def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, W, 3) uint8 + (H, W) uint8 -> (3, H, W) float normalised + (H, W) long."""
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()  # (3, H, W)
-    img = (img - _MEAN) / _STD
-    lbl = torch.from_numpy(np.ascontiguousarray(label)).long()  # (H, W)
+    # astype makes the (writable, contiguous) copies the conversion needs anyway.
+    img = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)  # (3, H, W)
+    img = ((img - _MEAN) / _STD).contiguous()
+    lbl = torch.from_numpy(label.astype(np.int64))  # (H, W)
     return img, lbl
 
 

@@ -25,7 +25,9 @@ class IncrementalClassifier(nn.Module):
         super().__init__()
         counts = [int(n) for n in classes_per_step]
         if not counts or any(n < 1 for n in counts):
-            raise ValueError(f"classes_per_step must be a non-empty list of positive ints, got {list(classes_per_step)}")
+            raise ValueError(
+                f"classes_per_step must be a non-empty list of positive ints, got {list(classes_per_step)}"
+            )
         if num_extra < 0:
             raise ValueError(f"num_extra must be >= 0, got {num_extra}")
         self.in_channels = in_channels

@@ -172,7 +172,9 @@ class EfficientNetLite0(nn.Module):
                 nominal.append(nominal_now)
         self.blocks = nn.ModuleList(blocks)
         # A stage ends where the next block would halve the resolution (in the undilated network).
-        self._stage_ends = [i for i in range(len(nominal)) if i + 1 == len(nominal) or nominal[i + 1] != nominal[i]]
+        self._stage_ends = [
+            i for i in range(len(nominal)) if i + 1 == len(nominal) or nominal[i + 1] != nominal[i]
+        ]
         self.head = ConvBNAct(LITE0_BLOCKS[-1][5], HEAD_CHANNELS, 1) if include_head else None
 
         self.out_channels = [LITE0_BLOCKS_OUT[i] for i in self._stage_ends]
