@@ -57,16 +57,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Batch | list[Batch]:
-    """Stack (image, label, index) items; images of different sizes become single-image batches."""
-    shapes = {tuple(img.shape) for img, _, _ in items}
-    if len(shapes) > 1:
-        return [Batch(image=img[None], label=lab[None], index=torch.tensor([i]))
-                for img, lab, i in items]
+def collate(items: list[tuple]) -> Batch | list[Batch]:
+    """Stack (image, label, index[, extra maps]) items into a Batch.
+
+    Images of different sizes become single-image batches (evaluation at native resolution).
+    """
+    if len({tuple(it[0].shape) for it in items}) > 1:
+        return [collate([it]) for it in items]  # type: ignore[misc]
+    extras = [it[3] if len(it) > 3 else {} for it in items]
     return Batch(
         image=torch.stack([it[0] for it in items]),
         label=torch.stack([it[1] for it in items]).long(),
         index=torch.tensor([it[2] for it in items]),
+        extra={k: torch.stack([torch.as_tensor(e[k]) for e in extras]) for k in extras[0]},
     )
 
 
@@ -230,7 +233,15 @@ class Experiment:
         }
         return cache_root(c) / "base" / f"{stable_hash(key)}.pt"
 
-    def loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def loader(self, dataset: Dataset, batch_size: int, train: bool,
+               batch_sampler: Optional[torch.utils.data.Sampler] = None) -> DataLoader:
+        if batch_sampler is not None:  # the method composes its own batches (e.g. half memory)
+            if self.dist.enabled:
+                raise ValueError(f"method '{self.method.name}' composes its own batches, which is "
+                                 "not supported under torchrun yet; run it in one process")
+            return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate,
+                              num_workers=self.cfg.data.num_workers,
+                              pin_memory=self.device.type == "cuda")
         sampler = None
         if self.dist.enabled:
             sampler = torch.utils.data.distributed.DistributedSampler(
@@ -450,11 +461,14 @@ class Experiment:
             core.to(self.device)
         epochs = cfg.optim.epochs if step == 0 or cfg.optim.epochs_next is None else cfg.optim.epochs_next
         lr = cfg.optim.lr if step == 0 else cfg.optim.lr_next
-        data = scn.train_dataset(step, TrainTransform(cfg.data.crop_size))
+        transform = TrainTransform(cfg.data.crop_size)
+        data = scn.train_dataset(step, transform)
         if len(data) == 0:
             raise ValueError(f"step {step} has no training image (task {cfg.data.task}, "
                              f"setting {cfg.data.setting}); choose another task or class order")
-        loader = self.loader(data, cfg.optim.batch_size, train=True)
+        data, batch_sampler = self.method.train_data(data, scn, step, transform,
+                                                     cfg.optim.batch_size, cfg.seed)
+        loader = self.loader(data, cfg.optim.batch_size, train=True, batch_sampler=batch_sampler)
         ctx = self.context(step, epochs, len(loader))
         if step > 0 and partial is None:
             self.method.init_new_classifiers(core, old_model, ctx)

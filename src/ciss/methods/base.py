@@ -9,10 +9,11 @@ The engine calls, per step t:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Sampler
 
 from ciss.losses import cross_entropy
 from ciss.types import Batch, SegOutput, StepContext, Targets
@@ -47,6 +48,16 @@ class Method:
     def num_extra_outputs(self) -> int:
         """Outputs appended after the real classes (e.g. an 'unknown' logit)."""
         return 0
+
+    # ---- data -----------------------------------------------------------------------------
+    def train_data(self, data: Dataset, scenario: Any, step: int, transform: Callable,
+                   batch_size: int, seed: int) -> tuple[Dataset, Optional[Sampler]]:
+        """The step's training set and, optionally, a batch sampler composing the batches.
+
+        `data` yields (image, label, index); a method may wrap it (items may carry a 4th element,
+        a dict of extra per-pixel maps that land in `Batch.extra`) or mix in other images.
+        """
+        return data, None
 
     # ---- step life cycle ----------------------------------------------------------------
     def init_new_classifiers(self, model: nn.Module, old_model: nn.Module, ctx: StepContext) -> None:
