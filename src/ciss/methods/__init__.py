@@ -6,10 +6,12 @@ from typing import Any
 
 from ciss.methods.base import Method, Phase
 from ciss.methods.ft import FineTuning
+from ciss.methods.gsc import GSC
 from ciss.methods.ilt import ILT
 from ciss.methods.joint import Joint
 from ciss.methods.lwf import LwF
 from ciss.methods.mib import MiB
+from ciss.methods.nest import NeST, NeSTMiB, NeSTPLOP
 from ciss.methods.plop import PLOP
 
 METHODS: dict[str, type[Method]] = {
@@ -19,6 +21,10 @@ METHODS: dict[str, type[Method]] = {
     "ilt": ILT,
     "mib": MiB,
     "plop": PLOP,
+    "gsc": GSC,
+    "nest": NeST,
+    "nest_mib": NeSTMiB,
+    "nest_plop": NeSTPLOP,
 }
 
 
