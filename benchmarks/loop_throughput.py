@@ -19,7 +19,7 @@ import torch
 
 from ciss.config import load_config
 from ciss.engine import Experiment, collate
-from ciss.data.transforms import TrainTransform
+from ciss.data.transforms import Resized, TrainTransform
 from ciss.methods import Phase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def main() -> int:
     exp = Experiment(cfg)
     scn = exp.train_scenario
     bs = cfg.optim.batch_size
-    full = scn.train_dataset(0, TrainTransform(cfg.data.crop_size))
+    full = scn.train_dataset(0, Resized(TrainTransform(cfg.data.crop_size), cfg.data.resize))
     subset = torch.utils.data.Subset(full, list(range(args.batches * bs)))
     n_images = len(subset)
     ctx = exp.context(0, 1, args.batches)

@@ -95,3 +95,16 @@ def test_fast_enough():
     for _ in range(10):
         t(image, label)
     assert (time.perf_counter() - start) / 10 < 0.5  # ~10 ms per VOC-sized image when idle
+
+
+def test_resized_wrapper_keeps_aspect_and_labels_exact():
+    from ciss.data.transforms import EvalTransform, Resized
+
+    image = np.zeros((40, 60, 3), dtype=np.uint8)
+    label = np.zeros((40, 60), dtype=np.uint8)
+    label[:, 30:] = 3
+    img, lbl = Resized(EvalTransform(None), 20)(image, label)
+    assert img.shape == (3, 20, 30) and lbl.shape == (20, 30)
+    assert set(lbl.unique().tolist()) == {0, 3}  # nearest: no invented label values
+    img, lbl = Resized(EvalTransform(None), None)(image, label)
+    assert img.shape == (3, 40, 60)

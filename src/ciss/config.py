@@ -29,7 +29,8 @@ class DataConfig:
     setting: str = "overlapped"
     order: Optional[Any] = None  # None | "A".."E" | "random:<seed>" | path | list of class ids
     crop_size: int = 64
-    eval_size: Optional[int] = None  # shorter side resized + centre crop; None = native resolution
+    eval_size: Optional[int] = None  # shorter side resized + centre crop; None = whole image
+    resize: Optional[int] = None  # shorter side resized to this first (train and eval); None = native
     num_workers: int = 0
     options: dict = field(default_factory=dict)  # extra keyword arguments of the dataset
 
@@ -89,7 +90,7 @@ RECIPES: dict[str, dict] = {
     },
     # Sized for a 2-core machine without GPU: small crops, a narrower head, few epochs.
     "cpu": {
-        "data": {"crop_size": 224, "eval_size": 224},
+        "data": {"crop_size": 224, "eval_size": None, "resize": 256},
         "model": {"output_stride": 16, "head_channels": 128},
         "optim": {"epochs": 4, "epochs_next": 4, "batch_size": 8, "lr": 0.01, "lr_next": 0.001,
                   "eval_batch_size": 16},

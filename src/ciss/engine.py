@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ciss.config import RunConfig, stable_hash, to_dict
 from ciss.data import build_dataset
-from ciss.data.transforms import EvalTransform, TrainTransform
+from ciss.data.transforms import EvalTransform, Resized, TrainTransform
 from ciss.methods import Method, Phase, build_method
 from ciss.metrics import ConfusionMatrix, StepMetrics, format_table, step_metrics
 from ciss.models import build_segmenter
@@ -222,6 +222,7 @@ class Experiment:
             "order": list(self.train_scenario.order),
             "setting": c.data.setting,
             "crop": c.data.crop_size,
+            "resize": c.data.resize,
             "model": to_dict(c.model),
             "seed": c.seed,
             "recipe": {k: getattr(c.optim, k) for k in
@@ -369,7 +370,7 @@ class Experiment:
         core.eval()
         scn = self.train_scenario
         ctx = self.context(step, 0, 0)
-        data = scn.test_dataset(step, EvalTransform(self.cfg.data.eval_size))
+        data = scn.test_dataset(step, Resized(EvalTransform(self.cfg.data.eval_size), self.cfg.data.resize))
         if self.dist.enabled:  # each rank evaluates a shard; the matrices are summed
             data = torch.utils.data.Subset(data, list(range(self.dist.rank, len(data), self.dist.world)))
         loader = DataLoader(data, batch_size=self.cfg.optim.eval_batch_size, shuffle=False,
@@ -461,7 +462,7 @@ class Experiment:
             core.to(self.device)
         epochs = cfg.optim.epochs if step == 0 or cfg.optim.epochs_next is None else cfg.optim.epochs_next
         lr = cfg.optim.lr if step == 0 else cfg.optim.lr_next
-        transform = TrainTransform(cfg.data.crop_size)
+        transform = Resized(TrainTransform(cfg.data.crop_size), cfg.data.resize)
         data = scn.train_dataset(step, transform)
         if len(data) == 0:
             raise ValueError(f"step {step} has no training image (task {cfg.data.task}, "

@@ -81,6 +81,10 @@ class Predictor:
             names = self.run.step_results()[self.step].get("class_names")
         self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
         del done
+        try:  # predict at the scale the model was trained at
+            self.resize = (self.run.read_config().get("data") or {}).get("resize")
+        except FileNotFoundError:
+            self.resize = None
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
@@ -89,7 +93,15 @@ class Predictor:
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         x = ((x - mean) / std)[None].to(self.device)
+        h, w = image.shape[:2]
+        if self.resize:
+            k = self.resize / min(h, w)
+            x = torch.nn.functional.interpolate(x, size=(max(1, round(h * k)), max(1, round(w * k))),
+                                                mode="bilinear", align_corners=False)
         logits = self.model(x).logits[:, : self.num_classes]
+        if logits.shape[-2:] != (h, w):
+            logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
+                                                     align_corners=False)
         return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
 
     def predict_files(self, paths: Sequence[str | Path], out: str | Path) -> list[Path]:

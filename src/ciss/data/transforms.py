@@ -130,3 +130,28 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         return f"EvalTransform(size={self.size})"
+
+
+class Resized:
+    """Resize so the shorter side is `shorter` (image bilinear, label nearest), then apply `inner`.
+
+    Lets small CPU crops see whole objects on large images: the `cpu` recipe trains and evaluates
+    on images brought to a shorter side of 256 instead of their native resolution.
+    """
+
+    def __init__(self, inner, shorter: Optional[int]) -> None:
+        if shorter is not None and shorter < 1:
+            raise ValueError(f"shorter side must be positive or None, got {shorter}")
+        self.inner = inner
+        self.shorter = shorter
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shorter is not None:
+            _check(image, label)
+            h, w = image.shape[:2]
+            k = self.shorter / min(h, w)
+            image, label = _resize(image, label, max(1, round(h * k)), max(1, round(w * k)))
+        return self.inner(image, label)
+
+    def __repr__(self) -> str:
+        return f"Resized({self.inner!r}, shorter={self.shorter})"
