@@ -10,7 +10,10 @@ other, on the same images and model.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `ciss` does; before torch is imported
 import tempfile
 import time
 from pathlib import Path

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see ciss.cli.main; before torch is imported
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch
