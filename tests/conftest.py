@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see ciss.cli.main; before torch is imported
+if "CISS_CACHE" not in os.environ:  # tests never write into the user's cache
+    import tempfile
+
+    os.environ["CISS_CACHE"] = tempfile.mkdtemp(prefix="ciss-test-cache-")
 
 from pathlib import Path  # noqa: E402
 

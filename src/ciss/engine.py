@@ -189,6 +189,8 @@ class Experiment:
             warnings.warn(f"optim.amp={cfg.optim.amp} needs CUDA; training in float32 on "
                           f"{self.device}", stacklevel=2)
         self.method: Method = build_method(cfg.method, **cfg.method_args)
+        if getattr(self.method, "cache_dir", "") is None:  # methods with on-disk caches use the run's
+            self.method.cache_dir = str(cache_root(cfg))  # type: ignore[attr-defined]
         d = cfg.data
         self.train_set = build_dataset(d.dataset, split=d.train_split, root=d.root, **d.options)
         self.test_set = build_dataset(d.dataset, split=d.test_split, root=d.root, **d.options)

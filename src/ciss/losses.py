@@ -151,3 +151,24 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     """
     log_q = F.log_softmax(logits, dim=1)  # (B, C, H, W)
     return -(log_q.exp() * log_q).sum(dim=1).mean()
+
+
+# ---- SSUL ---------------------------------------------------------------------------------------
+
+def binary_cross_entropy_one_hot(logits: torch.Tensor, label: torch.Tensor,
+                                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SSUL's loss: independent sigmoids, each channel's BCE against the one-hot label, summed over
+    the channels and averaged over the non-ignored pixels (an ignored pixel has no term at all).
+
+    logits (B, C, H, W); label (B, H, W) long in [0, C) or IGNORE; weight (B, H, W) or None. Scalar.
+    """
+    valid = label != IGNORE  # (B, H, W)
+    # scatter instead of F.one_hot: no (B, H, W, C) int64 copy at full resolution.
+    target = torch.zeros_like(logits)  # (B, C, H, W)
+    target.scatter_(1, torch.where(valid, label, torch.zeros_like(label))[:, None],
+                    valid[:, None].to(logits.dtype))
+    per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)  # (B, H, W)
+    if weight is not None:
+        per_pixel = per_pixel * weight
+    # SSUL utils/loss.py: mean over pixels whose one-hot is not all zero, i.e. the non-ignored ones.
+    return (per_pixel * valid).sum() / valid.sum().clamp_min(1)

@@ -13,6 +13,7 @@ from ciss.methods.lwf import LwF
 from ciss.methods.mib import MiB
 from ciss.methods.nest import NeST, NeSTMiB, NeSTPLOP
 from ciss.methods.plop import PLOP
+from ciss.methods.ssul import SSUL, SSULM
 
 METHODS: dict[str, type[Method]] = {
     "ft": FineTuning,
@@ -25,6 +26,8 @@ METHODS: dict[str, type[Method]] = {
     "nest": NeST,
     "nest_mib": NeSTMiB,
     "nest_plop": NeSTPLOP,
+    "ssul": SSUL,
+    "ssul_m": SSULM,
 }
 
 
