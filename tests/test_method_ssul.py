@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,7 +240,8 @@ def test_memory_state_round_trips(scenario):
 
 def test_step_leaves_network_and_old_classifiers_bit_identical(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("CISS_CACHE", str(tmp_path / "ciss-cache"))
-    res = train(tiny_cfg("method=ssul", "optim.epochs_next=2"))
+    cfg = tiny_cfg("method=ssul", "optim.epochs_next=2")
+    res = train(cfg)
     s0 = load_checkpoint(res.run_dir / "ckpt" / "step-0.pt")["model"]
     s1 = load_checkpoint(res.run_dir / "ckpt" / "step-1.pt")["model"]
     trained = ("classifier.convs.1.", "classifier.extra.")
@@ -250,7 +252,7 @@ def test_step_leaves_network_and_old_classifiers_bit_identical(tiny_cfg, tmp_pat
     assert not torch.equal(s0["classifier.extra.weight"], s1["classifier.extra.weight"])
     losses = [json.loads(l) for l in (res.run_dir / "losses.jsonl").read_text().splitlines()]
     assert all("bce" in r for r in losses)
-    assert list((tmp_path / "ciss-cache" / "saliency").rglob("*.png"))  # maps were cached
+    assert list((Path(cfg.cache_dir) / "saliency").rglob("*.png"))  # maps cached with the run's cache
 
 
 def test_ssul_m_run_is_flagged_and_checkpoints_its_memory(tiny_cfg, tmp_path, monkeypatch):

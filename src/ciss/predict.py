@@ -89,7 +89,7 @@ class Predictor:
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
         """image (H, W, 3) uint8 RGB -> (H, W) uint8 model labels."""
-        x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div(255)
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         x = ((x - mean) / std)[None].to(self.device)
