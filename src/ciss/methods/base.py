@@ -112,3 +112,16 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"method '{self.name}' keeps no state, got keys {sorted(state)}")
+
+
+def as_method(spec: Any) -> Method:
+    """A wrapped method's base, given as a Method, a registry name or {name: ..., <fields>}."""
+    if isinstance(spec, Method):
+        return spec
+    from ciss.methods import build_method  # the registry imports the wrappers that call this
+
+    if isinstance(spec, str):
+        return build_method(spec)
+    if isinstance(spec, dict) and "name" in spec:
+        return build_method(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    raise ValueError(f"base must be a Method, a method name or {{name: ..., <fields>}}, got {spec!r}")

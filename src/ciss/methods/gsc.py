@@ -20,22 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.losses import plop_uncertainty, prediction_entropy, soft_relation_distillation
-from ciss.methods.base import Method, Phase
+from ciss.methods.base import Method, Phase, as_method
 from ciss.methods.plop import PLOP, histogram_median
 from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext, Targets
-
-
-def _as_method(base: Any) -> Method:
-    """A base given in a config as a registry name or {name: ..., field: ...} becomes a Method."""
-    if isinstance(base, Method):
-        return base
-    from ciss.methods import build_method  # the registry imports this module
-
-    if isinstance(base, str):
-        return build_method(base)
-    if isinstance(base, dict) and "name" in base:
-        return build_method(base["name"], **{k: v for k, v in base.items() if k != "name"})
-    raise ValueError(f"base must be a Method, a method name or {{name: ..., <fields>}}, got {base!r}")
 
 
 def step_aware_weights(logits: torch.Tensor, label: torch.Tensor,
@@ -132,7 +119,7 @@ class GSC(Method):
     stats_step: int = field(default=-1, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.base = _as_method(self.base)
+        self.base = as_method(self.base)
 
     # ---- identity: the base's ----------------------------------------------------------------
     @property

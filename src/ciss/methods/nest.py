@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.losses import unbiased_cross_entropy
-from ciss.methods.base import Method, Phase
+from ciss.methods.base import Method, Phase, as_method
 from ciss.methods.mib import MiB
 from ciss.methods.plop import PLOP
 from ciss.types import Batch, SegOutput, StepContext, Targets
@@ -27,19 +27,6 @@ from ciss.types import Batch, SegOutput, StepContext, Targets
 PRETUNE = "pretune"
 INITS = ("similarity", "uniform", "random")
 PRETUNE_LOSSES = ("unce", "base")
-
-
-def _as_method(base: Any) -> Method:
-    """A base given in a config as a registry name or {name: ..., field: ...} becomes a Method."""
-    if isinstance(base, Method):
-        return base
-    from ciss.methods import build_method  # the registry imports this module
-
-    if isinstance(base, str):
-        return build_method(base)
-    if isinstance(base, dict) and "name" in base:
-        return build_method(base["name"], **{k: v for k, v in base.items() if k != "name"})
-    raise ValueError(f"base must be a Method, a method name or {{name: ..., <fields>}}, got {base!r}")
 
 
 def _distributed() -> bool:
@@ -166,7 +153,7 @@ class NeST(Method):
     _handles: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.base = _as_method(self.base)
+        self.base = as_method(self.base)
         if self.init not in INITS:
             raise ValueError(f"NeST init must be one of {INITS}, got '{self.init}'")
         if self.pretune_loss not in PRETUNE_LOSSES:
