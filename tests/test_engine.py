@@ -128,3 +128,15 @@ def test_joint_trains_one_step_on_all_classes(tiny_cfg):
     res = train(tiny_cfg("method=joint"))
     assert len(res.steps) == 1
     assert len(res.steps[0].iou) == 7 and res.steps[0].num_base == 5
+
+
+def test_tensorboard_receives_every_loss_term_and_metric(tiny_cfg):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = train(tiny_cfg("tensorboard=true", "name=tb"))
+    acc = EventAccumulator(str(res.run_dir / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"step0/train/loss", "step0/train/ce", "step1/train/ce", "eval/miou_all", "eval/miou_old",
+            "eval/miou_new"} <= tags
