@@ -62,11 +62,12 @@ class _Crashing(Method):
     """Test-only: dies in the second epoch of step 1, like a killed job."""
 
     name = "_crashing"
-    seen: int = 0
+    armed = True
+    calls = 0
 
     def loss(self, out, targets, old, batch, ctx):
-        if ctx.step == 1:
-            _Crashing.calls = getattr(_Crashing, "calls", 0) + 1
+        if ctx.step == 1 and _Crashing.armed:
+            _Crashing.calls += 1
             if _Crashing.calls > ctx.iters_per_epoch:
                 raise KeyboardInterrupt
         return super().loss(out, targets, old, batch, ctx)
@@ -76,6 +77,8 @@ class _Crashing(Method):
 def extra_methods(monkeypatch):
     monkeypatch.setitem(METHODS, "_exploding", _Exploding)
     monkeypatch.setitem(METHODS, "_crashing", _Crashing)
+    monkeypatch.setattr(_Crashing, "armed", True)
+    monkeypatch.setattr(_Crashing, "calls", 0)
 
 
 def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tiny_cfg, extra_methods):
@@ -93,8 +96,8 @@ def test_resume_continues_from_last_epoch(tiny_cfg, extra_methods):
         train(cfg)
     run = Path(cfg.out_dir) / "resume"
     assert load_checkpoint(run / "ckpt" / "last.pt")["epoch"] == 0
-    cfg2 = tiny_cfg("method=ft", "optim.epochs_next=3", "name=resume")
-    res = train(cfg2)
+    _Crashing.armed = False  # the same command again, now without the crash
+    res = train(cfg)
     losses = [json.loads(l) for l in (run / "losses.jsonl").read_text().splitlines()]
     epochs = [(r["step"], r["epoch"]) for r in losses]
     # step 0 trained once; step 1 epoch 0 from the first run, epochs 1-2 from the resumed run
@@ -140,3 +143,10 @@ def test_tensorboard_receives_every_loss_term_and_metric(tiny_cfg):
     tags = set(acc.Tags()["scalars"])
     assert {"step0/train/loss", "step0/train/ce", "step1/train/ce", "eval/miou_all", "eval/miou_old",
             "eval/miou_new"} <= tags
+
+
+def test_a_run_directory_of_another_experiment_is_not_resumed(tiny_cfg):
+    train(tiny_cfg("name=same"))
+    with pytest.raises(ValueError, match="another configuration.*optim.lr"):
+        train(tiny_cfg("name=same", "optim.lr=0.5"))
+    train(tiny_cfg("name=same", "progress=true"))  # cosmetic keys may change

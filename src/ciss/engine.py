@@ -392,6 +392,7 @@ class Experiment:
         cfg = self.cfg
         t0 = time.time()
         seed_everything(cfg.seed)
+        self.check_same_experiment()
         if self.dist.main:
             self.run.write_config(to_dict(cfg))
             self.run.write_meta(cfg.seed, {"world_size": self.dist.world,
@@ -446,6 +447,32 @@ class Experiment:
         if self.writer is not None:
             self.writer.close()
         return res
+
+    # Keys that may change between an interrupted run and its resumption.
+    RESUMABLE_CHANGES = ("progress", "tensorboard", "device", "out_dir", "name", "cache_dir",
+                         "data.num_workers", "data.root", "optim.eval_batch_size")
+
+    def check_same_experiment(self) -> None:
+        """Refuse to resume a run directory that holds another experiment's checkpoints."""
+        if not self.run.config_path.is_file() or not any((self.run.path / "ckpt").glob("*.pt")):
+            return
+
+        def flat(d: dict, prefix: str = "") -> dict:
+            out = {}
+            for k, v in d.items():
+                if isinstance(v, dict) and k not in ("options", "method_args"):
+                    out.update(flat(v, f"{prefix}{k}."))
+                else:
+                    out[f"{prefix}{k}"] = v
+            return out
+
+        old, new = flat(self.run.read_config()), flat(to_dict(self.cfg))
+        diff = sorted(k for k in set(old) | set(new)
+                      if k not in self.RESUMABLE_CHANGES and old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+            raise ValueError(f"{self.run.path} holds a run with another configuration ({shown}); "
+                             f"pick another run name (--set name=...) or delete that folder")
 
     def print(self, text: str) -> None:
         if self.dist.main and self.cfg.progress is not None:
