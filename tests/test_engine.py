@@ -42,6 +42,10 @@ def test_two_step_run_writes_results_and_checkpoints(tiny_cfg):
     assert (res.run_dir / "config.yaml").is_file() and (res.run_dir / "meta.json").is_file()
     losses = [json.loads(l) for l in (res.run_dir / "losses.jsonl").read_text().splitlines()]
     assert {r["step"] for r in losses} == {0, 1} and all("ce" in r for r in losses)
+    summary = json.loads((res.run_dir / "summary.json").read_text())
+    f0 = rows[0]["iou"][0] - rows[1]["iou"][0]  # background: learned at step 0
+    assert summary["forgetting"][0] == pytest.approx(f0)
+    assert summary["forgetting"][5] == pytest.approx(0.0) or summary["forgetting"][5] is None
 
 
 @dataclass
@@ -150,3 +154,16 @@ def test_a_run_directory_of_another_experiment_is_not_resumed(tiny_cfg):
     with pytest.raises(ValueError, match="another configuration.*optim.lr"):
         train(tiny_cfg("name=same", "optim.lr=0.5"))
     train(tiny_cfg("name=same", "progress=true"))  # cosmetic keys may change
+
+
+@pytest.mark.parametrize("method", ["ft", "mib"])
+def test_bf16_autocast_run(tiny_cfg, method):
+    from ciss.engine import autocast_ctx
+
+    with autocast_ctx(torch.device("cpu"), "bf16"):
+        y = torch.nn.functional.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3))
+    assert y.dtype == torch.bfloat16
+    res = train(tiny_cfg("optim.amp=bf16", f"method={method}", f"name=amp-{method}"))
+    assert all(0.0 <= s.miou_all <= 1.0 for s in res.steps)
+    with pytest.raises(ValueError, match="bf16"):
+        autocast_ctx(torch.device("cpu"), "fp8")

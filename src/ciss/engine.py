@@ -28,7 +28,7 @@ from ciss.config import RunConfig, stable_hash, to_dict
 from ciss.data import build_dataset
 from ciss.data.transforms import EvalTransform, Resized, TrainTransform
 from ciss.methods import Method, Phase, build_method
-from ciss.metrics import ConfusionMatrix, StepMetrics, format_table, step_metrics
+from ciss.metrics import ConfusionMatrix, StepMetrics, forgetting, format_table, step_metrics
 from ciss.models import build_segmenter
 from ciss.results import RunDir, load_checkpoint, save_checkpoint
 from ciss.scenario import Scenario, build_scenario
@@ -132,13 +132,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_ctx(device: torch.device, amp: str):
-    if amp == "none":
-        return torch.autocast(device_type=device.type, enabled=False)
-    if device.type != "cuda":
-        return torch.autocast(device_type="cpu", enabled=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    """Mixed precision: bf16 or fp16 on CUDA, bf16 on CPU; fp16 on CPU runs in float32."""
+    if amp != "none" and amp not in AMP_DTYPES:
+        raise ValueError(f"optim.amp must be none, bf16 or fp16, got '{amp}'")
+    enabled = amp != "none" and (device.type == "cuda" or amp == "bf16")
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES.get(amp, torch.float32)
+                          if enabled else None, enabled=enabled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +188,9 @@ class Experiment:
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        if cfg.optim.amp != "none" and self.device.type != "cuda":
-            warnings.warn(f"optim.amp={cfg.optim.amp} needs CUDA; training in float32 on "
-                          f"{self.device}", stacklevel=2)
+        if cfg.optim.amp == "fp16" and self.device.type != "cuda":
+            warnings.warn(f"optim.amp=fp16 needs CUDA; training in float32 on {self.device} "
+                          "(bf16 works on CPU)", stacklevel=2)
         self.method: Method = build_method(cfg.method, **cfg.method_args)
         if getattr(self.method, "cache_dir", "") is None:  # methods with on-disk caches use the run's
             self.method.cache_dir = str(cache_root(cfg))  # type: ignore[attr-defined]
@@ -440,9 +443,13 @@ class Experiment:
         if self.dist.main:
             title = f"{cfg.method} on {cfg.data.dataset} {cfg.data.task} {cfg.data.setting}"
             (self.run.path / "table.txt").write_text(res.table(title) + "\n")
+            history = [m.iou for m in results]
             self.run.write_summary({
                 "method": cfg.method, "uses_memory": self.method.uses_memory,
                 "wall_time_s": res.wall_time_s, "peak_rss_mb": res.peak_rss_mb,
+                # per class: IoU after the step that taught it minus IoU after the last step
+                "forgetting": [None if f != f else f for f in
+                               forgetting(history, scn.classes_per_step)] if len(results) > 1 else [],
                 "steps": [m.as_dict() for m in results]})
         if self.writer is not None:
             self.writer.close()
