@@ -167,3 +167,17 @@ def test_bf16_autocast_run(tiny_cfg, method):
     assert all(0.0 <= s.miou_all <= 1.0 for s in res.steps)
     with pytest.raises(ValueError, match="bf16"):
         autocast_ctx(torch.device("cpu"), "fp8")
+
+
+def test_domain_incremental_cityscapes_run(tmp_path, tiny_cfg):
+    from test_data_loaders import _cityscapes  # the loader tests' fixture writer
+
+    root = _cityscapes(tmp_path / "cs", per_city=3)
+    cfg = tiny_cfg("data.dataset=cityscapes", f"data.root={root}", "data.task=11-5",
+                   "data.train_split=trainval", "data.test_split=null", "data.options={}",
+                   "name=domains")
+    res = train(cfg)
+    assert [s.step for s in res.steps] == [0, 1, 2]
+    assert all(len(s.iou) == 19 for s in res.steps)  # no class is added, every step sees 19
+    state = load_checkpoint(res.run_dir / "ckpt" / "step-2.pt")
+    assert state["model_config"]["classes_per_step"] == [19]

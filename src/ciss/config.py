@@ -24,7 +24,7 @@ class DataConfig:
     dataset: str = "synthetic"
     root: Optional[str] = None
     train_split: str = "train"
-    test_split: str = "val"
+    test_split: Optional[str] = "val"  # None: the scenario's own held-out images (Cityscapes domains)
     task: str = "4-2"
     setting: str = "overlapped"
     order: Optional[Any] = None  # None | "A".."E" | "random:<seed>" | path | list of class ids

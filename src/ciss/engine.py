@@ -196,7 +196,9 @@ class Experiment:
             self.method.cache_dir = str(cache_root(cfg))  # type: ignore[attr-defined]
         d = cfg.data
         self.train_set = build_dataset(d.dataset, split=d.train_split, root=d.root, **d.options)
-        self.test_set = build_dataset(d.dataset, split=d.test_split, root=d.root, **d.options)
+        # test_split None: the scenario holds out its own test images (domain-incremental protocols)
+        self.test_set = (None if d.test_split is None else
+                         build_dataset(d.dataset, split=d.test_split, root=d.root, **d.options))
         self.scenario: Scenario = build_scenario(
             self.train_set, d.task, setting=d.setting, order=d.order, test=self.test_set,
             cache_dir=cache_root(cfg) / "scenarios", progress=cfg.progress and self.dist.main)
@@ -494,7 +496,8 @@ class Experiment:
             old_model = copy.deepcopy(core).eval()
             for p in old_model.parameters():
                 p.requires_grad_(False)
-            core.add_step(scn.classes_per_step[step])
+            if scn.classes_per_step[step] > 0:  # domain-incremental steps add no class
+                core.add_step(scn.classes_per_step[step])
             core.to(self.device)
         epochs = cfg.optim.epochs if step == 0 or cfg.optim.epochs_next is None else cfg.optim.epochs_next
         lr = cfg.optim.lr if step == 0 else cfg.optim.lr_next
@@ -507,7 +510,7 @@ class Experiment:
                                                      cfg.optim.batch_size, cfg.seed)
         loader = self.loader(data, cfg.optim.batch_size, train=True, batch_sampler=batch_sampler)
         ctx = self.context(step, epochs, len(loader))
-        if step > 0 and partial is None:
+        if step > 0 and partial is None and ctx.num_new > 0:
             self.method.init_new_classifiers(core, old_model, ctx)
         if partial is not None:
             self.load_into(core, partial)
