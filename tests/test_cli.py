@@ -48,3 +48,6 @@ def test_bad_input_gives_message_not_traceback(tmp_path, capsys):
     assert "valid: " in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "not a ciss run directory" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()  # a failed command writes nothing
+    assert main(["predict", str(tmp_path / "missing"), "x.png", "--out", str(tmp_path / "p")]) == 2
+    assert "not a ciss run directory" in capsys.readouterr().err

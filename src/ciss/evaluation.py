@@ -12,12 +12,12 @@ from ciss.results import RunDir, load_checkpoint
 
 
 def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = "cpu") -> str:
-    run = RunDir(run_dir)
+    run = RunDir(run_dir, create=False)
     cfg = from_dict(run.read_config())
     cfg.device = device
     cfg.tensorboard = False
     exp = Experiment(cfg, run.path)
-    steps = sorted(int(p.stem.split("-")[1]) for p in (run.path / "ckpt").glob("step-*.pt"))
+    steps = run.checkpointed_steps()
     if step is not None:
         if step not in steps:
             raise FileNotFoundError(f"{run.path}: no checkpoint for step {step}; have {steps}")

@@ -10,8 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ciss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ciss.methods import build_method
 from ciss.models import build_segmenter
 from ciss.results import RunDir, load_checkpoint
+from ciss.types import StepContext
 
 
 def palette(n: int = 256) -> np.ndarray:
@@ -62,11 +64,12 @@ class Predictor:
     """Loads a model from a run directory (its last complete step) and segments images."""
 
     def __init__(self, run_dir: str | Path, step: Optional[int] = None, device: str = "cpu") -> None:
-        self.run = RunDir(run_dir)
-        done = sorted(self.run.step_results())
-        ckpts = sorted(int(p.stem.split("-")[1]) for p in (self.run.path / "ckpt").glob("step-*.pt"))
+        self.run = RunDir(run_dir, create=False)
+        ckpts = self.run.checkpointed_steps()
         if not ckpts:
             raise FileNotFoundError(f"{run_dir}: no step checkpoint yet; train first (ciss train)")
+        if step is not None and step not in ckpts:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint for step {step}; have {ckpts}")
         self.step = ckpts[-1] if step is None else step
         state = load_checkpoint(self.run.step_ckpt(self.step))
         cfg = dict(state["model_config"])
@@ -75,16 +78,16 @@ class Predictor:
         self.model.load_state_dict(state["model"], strict=True)
         self.model.eval().to(device)
         self.device = torch.device(device)
-        self.num_classes = sum(cfg["classes_per_step"])
-        names = None
-        if self.step in self.run.step_results():
-            names = self.run.step_results()[self.step].get("class_names")
+        per_step = tuple(cfg["classes_per_step"])
+        self.num_classes = sum(per_step)
+        run_cfg = self.run.read_config()
+        # predictions go through the method's own decision rule (e.g. SSUL folds 'unknown' into bg)
+        self.method = build_method(run_cfg["method"], **(run_cfg.get("method_args") or {}))
+        self.ctx = StepContext(step=len(per_step) - 1, classes_per_step=per_step,
+                               num_steps=len(per_step), device=self.device)
+        names = (self.run.step_results().get(self.step) or {}).get("class_names")
         self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
-        del done
-        try:  # predict at the scale the model was trained at
-            self.resize = (self.run.read_config().get("data") or {}).get("resize")
-        except FileNotFoundError:
-            self.resize = None
+        self.resize = (run_cfg.get("data") or {}).get("resize")  # predict at the trained scale
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
@@ -98,7 +101,7 @@ class Predictor:
             k = self.resize / min(h, w)
             x = torch.nn.functional.interpolate(x, size=(max(1, round(h * k)), max(1, round(w * k))),
                                                 mode="bilinear", align_corners=False)
-        logits = self.model(x).logits[:, : self.num_classes]
+        logits = self.method.eval_logits(self.model(x), self.ctx)
         if logits.shape[-2:] != (h, w):
             logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
                                                      align_corners=False)

@@ -78,10 +78,12 @@ class RunDir:
     ckpt/step-<t>.pt, ckpt/last.pt
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "ckpt").mkdir(exist_ok=True)
+        if create:
+            (self.path / "ckpt").mkdir(parents=True, exist_ok=True)
+        elif not (self.path / "config.yaml").is_file():
+            raise FileNotFoundError(f"{self.path} is not a ciss run directory (no config.yaml)")
 
     # -- files ---------------------------------------------------------------------------------
     @property
@@ -90,6 +92,10 @@ class RunDir:
 
     def step_ckpt(self, step: int) -> Path:
         return self.path / "ckpt" / f"step-{step}.pt"
+
+    def checkpointed_steps(self) -> list[int]:
+        """Steps with a step checkpoint, in order."""
+        return sorted(int(p.stem.split("-")[1]) for p in (self.path / "ckpt").glob("step-*.pt"))
 
     @property
     def last_ckpt(self) -> Path:
