@@ -57,3 +57,21 @@ def test_method_contract(name, tiny_cfg):
         assert grads, "no gradient reached the classifier"
         grad = grads[-1]
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_wrapper_delegates_every_hook():
+    """A wrapper (GSC, NeST) must not silently fall back to fine-tuning for a hook it does not write."""
+    import inspect
+
+    from ciss.methods.base import Method, Wrapper
+
+    hooks = {n for n, v in vars(Method).items() if not n.startswith("_") and (callable(v) or isinstance(v, bool))}
+    missing = {n for n in hooks if n not in vars(Wrapper)} - {"name"}
+    assert not missing, f"Wrapper does not delegate: {sorted(missing)}"
+    from ciss.methods.gsc import GSC
+    from ciss.methods.ssul import SSUL
+
+    wrapped = GSC(base=SSUL())
+    assert wrapped.num_extra_outputs() == 1 and wrapped.base_step_key() == SSUL().base_step_key()
+    assert inspect.signature(Wrapper.train_data).parameters.keys() == \
+        inspect.signature(Method.train_data).parameters.keys()

@@ -8,7 +8,6 @@ logging, checkpoints, step-0 reuse and resuming.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import random
 import time

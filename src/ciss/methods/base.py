@@ -8,7 +8,7 @@ The engine calls, per step t:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
@@ -125,3 +125,76 @@ def as_method(spec: Any) -> Method:
     if isinstance(spec, dict) and "name" in spec:
         return build_method(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
     raise ValueError(f"base must be a Method, a method name or {{name: ..., <fields>}}, got {spec!r}")
+
+
+@dataclass
+class Wrapper(Method):
+    """A method added on top of another (`GSC(base=PLOP())`, `NeST(base=MiB())`): every hook and
+    property is the base's unless the wrapper overrides it, so a wrapper never drops a hook."""
+
+    name: ClassVar[str] = "wrapper"
+    base: Method = field(default_factory=Method)
+
+    def __post_init__(self) -> None:
+        self.base = as_method(self.base)
+
+    @property
+    def needs_old_model(self) -> bool:  # type: ignore[override]
+        return self.base.needs_old_model
+
+    @property
+    def offline(self) -> bool:  # type: ignore[override]
+        return self.base.offline
+
+    @property
+    def uses_memory(self) -> bool:  # type: ignore[override]
+        return self.base.uses_memory
+
+    def base_step_key(self) -> str:
+        return self.base.base_step_key()
+
+    def num_extra_outputs(self) -> int:
+        return self.base.num_extra_outputs()
+
+    def train_data(self, data, scenario, step, transform, batch_size, seed):  # type: ignore[override]
+        return self.base.train_data(data, scenario, step, transform, batch_size, seed)
+
+    def init_new_classifiers(self, model, old_model, ctx):  # type: ignore[override]
+        self.base.init_new_classifiers(model, old_model, ctx)
+
+    def on_step_start(self, model, old_model, loader, ctx):  # type: ignore[override]
+        self.base.on_step_start(model, old_model, loader, ctx)
+
+    def phases(self, ctx):  # type: ignore[override]
+        return self.base.phases(ctx)
+
+    def on_phase_start(self, phase, model, old_model, loader, ctx):  # type: ignore[override]
+        self.base.on_phase_start(phase, model, old_model, loader, ctx)
+
+    def on_phase_end(self, phase, model, old_model, loader, ctx):  # type: ignore[override]
+        self.base.on_phase_end(phase, model, old_model, loader, ctx)
+
+    def on_step_end(self, model, old_model, loader, ctx):  # type: ignore[override]
+        self.base.on_step_end(model, old_model, loader, ctx)
+
+    def param_groups(self, model, ctx, phase):  # type: ignore[override]
+        return self.base.param_groups(model, ctx, phase)
+
+    def train_mode(self, model, ctx, phase):  # type: ignore[override]
+        self.base.train_mode(model, ctx, phase)
+
+    def make_targets(self, batch, out, old, ctx):  # type: ignore[override]
+        return self.base.make_targets(batch, out, old, ctx)
+
+    def loss(self, out, targets, old, batch, ctx):  # type: ignore[override]
+        return self.base.loss(out, targets, old, batch, ctx)
+
+    def eval_logits(self, out, ctx):  # type: ignore[override]
+        return self.base.eval_logits(out, ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        base = self.base.state_dict()
+        return {"base": base} if base else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state.get("base", {}))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.losses import plop_uncertainty, prediction_entropy, soft_relation_distillation
-from ciss.methods.base import Method, Phase, as_method
+from ciss.methods.base import Method, Wrapper
 from ciss.methods.plop import PLOP, histogram_median
 from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext, Targets
 
@@ -83,7 +83,7 @@ def prototype_agreement(features: torch.Tensor, prototypes: torch.Tensor, proto_
 
 
 @dataclass
-class GSC(Method):
+class GSC(Wrapper):
     """PR targets with step-aware weights psi for the base's CE, + lambda_sr * L_sr + lambda_sc * L_sc."""
 
     name = "gsc"
@@ -118,28 +118,7 @@ class GSC(Method):
     thresholds: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
     stats_step: int = field(default=-1, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.base = as_method(self.base)
-
-    # ---- identity: the base's ----------------------------------------------------------------
-    @property
-    def offline(self) -> bool:  # type: ignore[override]
-        return self.base.offline
-
-    @property
-    def uses_memory(self) -> bool:  # type: ignore[override]
-        return self.base.uses_memory
-
-    def base_step_key(self) -> str:
-        return self.base.base_step_key()  # GSC changes nothing at step 0
-
-    def num_extra_outputs(self) -> int:
-        return self.base.num_extra_outputs()
-
-    # ---- step life cycle ----------------------------------------------------------------------
-    def init_new_classifiers(self, model: nn.Module, old_model: nn.Module, ctx: StepContext) -> None:
-        self.base.init_new_classifiers(model, old_model, ctx)
-
+    # Every hook not written here is the base's (Wrapper); GSC changes nothing at step 0.
     def on_step_start(self, model: nn.Module, old_model: Optional[nn.Module],
                       loader: Iterable[Batch], ctx: StepContext) -> None:
         self.base.on_step_start(model, old_model, loader, ctx)
@@ -193,28 +172,7 @@ class GSC(Method):
         thresholds = histogram_median(hist.view(c_old, nb)).clamp_min(self.entropy_floor).cpu()
         return prototypes, (counts > 0).cpu(), thresholds
 
-    def phases(self, ctx: StepContext) -> list[Phase]:
-        return self.base.phases(ctx)
-
-    def on_phase_start(self, phase: Phase, model: nn.Module, old_model: Optional[nn.Module],
-                       loader: Iterable[Batch], ctx: StepContext) -> None:
-        self.base.on_phase_start(phase, model, old_model, loader, ctx)
-
-    def on_phase_end(self, phase: Phase, model: nn.Module, old_model: Optional[nn.Module],
-                     loader: Iterable[Batch], ctx: StepContext) -> None:
-        self.base.on_phase_end(phase, model, old_model, loader, ctx)
-
-    def on_step_end(self, model: nn.Module, old_model: Optional[nn.Module],
-                    loader: Iterable[Batch], ctx: StepContext) -> None:
-        self.base.on_step_end(model, old_model, loader, ctx)
-
     # ---- per batch ------------------------------------------------------------------------
-    def param_groups(self, model: nn.Module, ctx: StepContext, phase: Phase) -> list[dict[str, Any]]:
-        return self.base.param_groups(model, ctx, phase)
-
-    def train_mode(self, model: nn.Module, ctx: StepContext, phase: Phase) -> None:
-        self.base.train_mode(model, ctx, phase)
-
     def make_targets(self, batch: Batch, out: SegOutput, old: Optional[SegOutput],
                      ctx: StepContext) -> Targets:
         if ctx.step == 0 or old is None:
@@ -270,16 +228,9 @@ class GSC(Method):
         terms["loss"] = total
         return terms
 
-    # ---- evaluation -----------------------------------------------------------------------
-    def eval_logits(self, out: SegOutput, ctx: StepContext) -> torch.Tensor:
-        return self.base.eval_logits(out, ctx)
-
     # ---- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        base = self.base.state_dict()
-        if base:
-            state["base"] = base
+        state = super().state_dict()
         if self.prototypes is not None:
             state.update(prototypes=self.prototypes.detach().cpu().clone(),
                          proto_valid=self.proto_valid.detach().cpu().clone(),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.losses import unbiased_cross_entropy
-from ciss.methods.base import Method, Phase, as_method
+from ciss.methods.base import Method, Phase, Wrapper
 from ciss.methods.mib import MiB
 from ciss.methods.plop import PLOP
 from ciss.types import Batch, SegOutput, StepContext, Targets
@@ -117,7 +117,7 @@ def class_similarity(old_model: nn.Module, loader: Iterable[Batch], ctx: StepCon
 
 
 @dataclass
-class NeST(Method):
+class NeST(Wrapper):
     """Pre-tune generated new classifiers (phase "pretune"), then train with the base method."""
 
     name = "nest"
@@ -153,7 +153,7 @@ class NeST(Method):
     _handles: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.base = as_method(self.base)
+        super().__post_init__()
         if self.init not in INITS:
             raise ValueError(f"NeST init must be one of {INITS}, got '{self.init}'")
         if self.pretune_loss not in PRETUNE_LOSSES:
@@ -161,26 +161,8 @@ class NeST(Method):
         if self.pretune_epochs < 0:
             raise ValueError(f"NeST pretune_epochs must be >= 0, got {self.pretune_epochs}")
 
-    # ---- identity: the base's ----------------------------------------------------------------
-    @property
-    def needs_old_model(self) -> bool:  # type: ignore[override]
-        return self.base.needs_old_model
-
-    @property
-    def offline(self) -> bool:  # type: ignore[override]
-        return self.base.offline
-
-    @property
-    def uses_memory(self) -> bool:  # type: ignore[override]
-        return self.base.uses_memory
-
-    def base_step_key(self) -> str:
-        return self.base.base_step_key()  # NeST acts from step 1 on: step 0 is the base's
-
-    def num_extra_outputs(self) -> int:
-        return self.base.num_extra_outputs()
-
-    # ---- step life cycle --------------------------------------------------------------------
+    # ---- step life cycle (every hook not written here is the base's: Wrapper) -----------------
+    # NeST acts from step 1 on: step 0 (base_step_key) is the base's.
     def init_new_classifiers(self, model: nn.Module, old_model: nn.Module, ctx: StepContext) -> None:
         """The generated classifiers replace the base's init (ECCV24_NeST run.py: with warm_up, MiB's
         init_balanced is not applied, the background bias keeps its old value)."""
@@ -372,16 +354,9 @@ class NeST(Method):
             return {"loss": unce, "pretune_unce": unce}
         return self.base.loss(out, targets, old, batch, ctx)
 
-    # ---- evaluation -----------------------------------------------------------------------
-    def eval_logits(self, out: SegOutput, ctx: StepContext) -> torch.Tensor:
-        return self.base.eval_logits(out, ctx)
-
     # ---- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        base = self.base.state_dict()
-        if base:
-            state["base"] = base
+        state = super().state_dict()
         # Mid-pre-tune checkpoints carry the matrices, so a resumed pre-tuning continues from them.
         if self.transform is not None:
             state["transform"] = {k: v.detach().cpu().clone() for k, v in self.transform.state_dict().items()}
