@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
+    ap.add_argument("--report-only", action="store_true", help="only tabulate the finished runs")
     args = ap.parse_args()
     if not DATA.is_dir():
         print(f"ccp21 not found at {DATA}; this benchmark needs the shared data folder", file=sys.stderr)
@@ -72,9 +73,20 @@ def main() -> int:
     # Methods are started in the order given: put one method of each base step first, so that the
     # methods sharing it find its checkpoint ready instead of training it again in parallel.
     jobs = [(s, m) for s in args.settings for m in args.methods]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = list(pool.map(one, jobs))
+    if args.report_only:  # tabulate the runs that finished, launch nothing
+        done = []
+        for setting, method in jobs:
+            summary = runs / f"ccp21-{args.task}-{setting}-{method}" / "summary.json"
+            if summary.is_file():
+                done.append((setting, method, command(method, args.task, setting, runs, args.set),
+                             json.loads(summary.read_text())))
+            else:
+                print(f"not finished: {setting} {method}")
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            done = list(pool.map(one, jobs))
     sections = [(s, [(m, c, summ) for (s2, m, c, summ) in done if s2 == s]) for s in args.settings]
+    sections = [(s, rows) for s, rows in sections if rows]
 
     lines = [f"# ccp21 `{args.task}`: {', '.join(args.methods)}", "",
              f"git SHA `{sha}`; `cpu` recipe; 2-core CPU machine, {args.jobs} run(s) at a time; "
