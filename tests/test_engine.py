@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ciss.engine
-from ciss.engine import Experiment, TrainingDiverged, train
+from ciss.engine import TrainingDiverged, train
 from ciss.methods import METHODS, Method, list_methods
 from ciss.results import load_checkpoint
 

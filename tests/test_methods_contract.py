@@ -38,7 +38,6 @@ def test_method_contract(name, tiny_cfg):
         exp.load_into(old, load_checkpoint(res.run_dir / "ckpt" / f"step-{last - 1}.pt"),
                       with_method=False)
         old.eval()
-    from ciss.methods import Phase
     exp.method.train_mode(model, ctx, exp.method.phases(ctx)[-1])
     out = model(batch.image)
     with torch.no_grad():
