@@ -132,6 +132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"ciss: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("ciss: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
