@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from ciss.data.base import SegDataset, label_histogram, read_label, read_rgb
+from ciss.data.base import LabelFileDataset, read_rgb
 from ciss.data.errors import DataError
 
 # objectInfo150 order (first name of each entry); index = raw label value.
@@ -48,7 +48,7 @@ _SPLITS = {"train": "training", "val": "validation", "training": "training",
            "validation": "validation"}
 
 
-class ADE20KDataset(SegDataset):
+class ADE20KDataset(LabelFileDataset):
     """ADEChallengeData2016; ids = sorted annotation stems of the split."""
 
     name = "ade20k"
@@ -91,18 +91,13 @@ class ADE20KDataset(SegDataset):
     def missing_images_hint(self) -> str:
         return f"put images/{_SPLITS[self.split]}/ into {self.root}"
 
+    def label_path(self, i: int) -> Path:
+        return self._ann_dir / f"{self.ids[i]}.png"
+
     def load_image(self, i: int) -> np.ndarray:
         self._require_images()
         return read_rgb(self._img_dir / f"{self.ids[i]}.jpg")
 
-    def load_mask(self, i: int) -> np.ndarray:
-        return read_label(self._ann_dir / f"{self.ids[i]}.png")
-
-    def class_presence(self, i: int) -> np.ndarray:
-        return label_histogram(self._ann_dir / f"{self.ids[i]}.png") > 0
-
-    def describe(self, i: int) -> str:
-        return f"label file {self._ann_dir / (self.ids[i] + '.png')}"
 
 
 def open_ade20k(root: Optional[str | Path], split: str = "train") -> ADE20KDataset:

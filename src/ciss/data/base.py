@@ -305,3 +305,19 @@ def compute_presence(
         return out
     finally:
         bar.close()
+
+
+class LabelFileDataset(SegDataset):
+    """A dataset whose raw label map of image i is the index PNG at `label_path(i)`."""
+
+    def label_path(self, i: int) -> Path:
+        raise NotImplementedError
+
+    def load_mask(self, i: int) -> np.ndarray:
+        return read_label(self.label_path(i))
+
+    def class_presence(self, i: int) -> np.ndarray:
+        return label_histogram(self.label_path(i)) > 0
+
+    def describe(self, i: int) -> str:
+        return f"label file {self.label_path(i)}"

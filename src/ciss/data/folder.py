@@ -21,12 +21,10 @@ from typing import Any, Optional
 import numpy as np
 
 from ciss.data.base import (
-    SegDataset,
+    LabelFileDataset,
     compute_presence,
     header_size,
-    label_histogram,
     open_label,
-    read_label,
     read_rgb,
 )
 from ciss.data.errors import DataError
@@ -110,7 +108,7 @@ def read_split(path: Path, available: list[str]) -> list[str]:
     return ids
 
 
-class FolderDataset(SegDataset):
+class FolderDataset(LabelFileDataset):
     """A dataset in the folder format (see module docstring)."""
 
     label_hint = (
@@ -220,15 +218,6 @@ class FolderDataset(SegDataset):
 
     def load_image(self, i: int) -> np.ndarray:
         return read_rgb(self._image_paths[i])
-
-    def load_mask(self, i: int) -> np.ndarray:
-        return read_label(self._label_paths[i])
-
-    def class_presence(self, i: int) -> np.ndarray:
-        return label_histogram(self._label_paths[i]) > 0
-
-    def describe(self, i: int) -> str:
-        return f"label file {self._label_paths[i]}"
 
     def image_path(self, i: int) -> Path:
         return self._image_paths[i]

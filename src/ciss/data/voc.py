@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from ciss.data.base import SegDataset, label_histogram, read_label, read_rgb
+from ciss.data.base import LabelFileDataset, read_rgb
 from ciss.data.errors import DataError
 
 VOC_CLASSES = [
@@ -68,7 +68,7 @@ def _find_list(root: Path, split: str) -> Path:
     )
 
 
-class VOCDataset(SegDataset):
+class VOCDataset(LabelFileDataset):
     """Pascal VOC 2012 + SBD augmented; works labels-only (has_images=False)."""
 
     name = "voc"
@@ -144,15 +144,6 @@ class VOCDataset(SegDataset):
     def load_image(self, i: int) -> np.ndarray:
         self._require_images()
         return read_rgb(self._image_paths[i])
-
-    def load_mask(self, i: int) -> np.ndarray:
-        return read_label(self._label_paths[i])
-
-    def class_presence(self, i: int) -> np.ndarray:
-        return label_histogram(self._label_paths[i]) > 0
-
-    def describe(self, i: int) -> str:
-        return f"label file {self._label_paths[i]}"
 
     def label_path(self, i: int) -> Path:
         return self._label_paths[i]
