@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ciss.losses import local_pod, local_pod_distance, plop_uncertainty
 from ciss.methods import build_method
+from ciss.methods.base import Phase
 from ciss.methods.plop import histogram_median, merge_new_into_background
 from ciss.models import build_segmenter
 from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext
@@ -94,6 +95,24 @@ def tiny_setup():
     batches = [Batch(image=torch.randn(2, 3, 32, 32), label=torch.randint(0, 5, (2, 32, 32)) * (i % 2))
                for i in range(3)]
     return old, model, batches
+
+
+@pytest.mark.parametrize("fix_bn", [True, False])
+def test_feature_pod_starts_at_zero_only_with_frozen_bn_statistics(fix_bn):
+    old, model, batches = tiny_setup()
+    model.train()  # leave the old model's statistics behind, as a step's first batches would
+    plop = build_method("plop", fix_bn=fix_bn)
+    plop.train_mode(model, CTX, plop.phases(CTX)[0])
+    with torch.no_grad():
+        new_maps = model(batches[0].image).features["stages"]
+        old_maps = old(batches[0].image).features["stages"]
+    pod = sum(local_pod_distance(o, n).item() for o, n in zip(old_maps, new_maps))
+    # Unchanged weights: with frozen statistics the stages are the old model's exactly; with batch
+    # statistics they differ before any update (what collapsed PLOP at batch 8). (The head's dropout
+    # still draws masks in train mode, as in every method.)
+    assert (pod == 0.0) if fix_bn else (pod > 1e-3)
+    plop.train_mode(model, StepContext(step=0, classes_per_step=(3,), num_steps=2), Phase("train", 1))
+    assert all(m.training for m in model.modules())  # step 0 trains BN as usual
 
 
 def test_thresholds_are_floored_medians_and_survive_a_checkpoint():

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.losses import cross_entropy, local_pod_distance, plop_uncertainty
-from ciss.methods.base import Method
+from ciss.methods.base import Method, Phase
 from ciss.methods.mib import init_balanced
+from ciss.models.segmenter import set_bn_eval
 from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext, Targets
 
 
@@ -68,12 +69,22 @@ class PLOP(Method):
     classif_adaptive_factor: bool = True
     # PLOP argparser.py 'PLOP': init_balanced True (MiB's background split).
     init_balanced: bool = True
+    # Deviation: PLOP's --fix_bn is off by default (batch 24, synchronised BN). On here: at batch 8 the
+    # batch statistics alone put the first POD of a step at ~64 with unchanged weights (ccp21, cpu
+    # recipe: 0.25 of the stage embeddings' norm) and PLOP collapsed; BN statistics stay frozen after
+    # step 0, affine weights still train. method_args.fix_bn=false restores the official behaviour.
+    fix_bn: bool = True
 
     # State, not hyperparameters: the (num_old,) thresholds of the step they were computed for.
     thresholds: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
     thresholds_step: int = field(default=-1, init=False, repr=False, compare=False)
 
     # ---- step life cycle --------------------------------------------------------------------
+    def train_mode(self, model: nn.Module, ctx: StepContext, phase: Phase) -> None:
+        model.train()
+        if ctx.step > 0 and self.fix_bn:
+            set_bn_eval(model)
+
     def init_new_classifiers(self, model: nn.Module, old_model: nn.Module, ctx: StepContext) -> None:
         if self.init_balanced:
             init_balanced(model, old_model, ctx.num_new)
