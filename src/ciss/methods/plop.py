@@ -69,11 +69,10 @@ class PLOP(Method):
     classif_adaptive_factor: bool = True
     # PLOP argparser.py 'PLOP': init_balanced True (MiB's background split).
     init_balanced: bool = True
-    # Deviation: PLOP's --fix_bn is off by default (batch 24, synchronised BN). On here: at batch 8 the
-    # batch statistics alone put the first POD of a step at ~64 with unchanged weights (ccp21, cpu
-    # recipe: 0.25 of the stage embeddings' norm) and PLOP collapsed; BN statistics stay frozen after
-    # step 0, affine weights still train. method_args.fix_bn=false restores the official behaviour.
-    fix_bn: bool = True
+    # PLOP's --fix_bn, off as in its scripts. At batch 8 the batch statistics alone give a step's first
+    # POD ~64 with unchanged weights (ccp21, cpu recipe), but freezing them diverges within 3
+    # iterations on EfficientNet-Lite, whose early depthwise BNs hold channels of running variance 0.
+    fix_bn: bool = False
 
     # State, not hyperparameters: the (num_old,) thresholds of the step they were computed for.
     thresholds: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
