@@ -23,7 +23,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from ciss.evaluation import evaluate_run
 
-    print(evaluate_run(args.run_dir, step=args.step, device=args.device))
+    print(evaluate_run(args.run_dir, step=args.step, device=args.device,
+                       calibration=args.calibration, probe=args.probe))
     return 0
 
 
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--step", type=int, help="only this step (default: every step)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--calibration", metavar="NAMES",
+                   help="post-hoc calibration, comma-separated: alg, pcv (fitted on each step's own "
+                        "training images, stored in its checkpoint), sweep (gamma trade-off curve)")
+    e.add_argument("--probe", choices=["ncm"],
+                   help="ncm: nearest-prototype classifier on the features, beside the trained one")
     e.set_defaults(fn=_eval)
 
     pr = sub.add_parser("predict", help="write label PNGs and colour overlays")

@@ -23,12 +23,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ciss.calibration import CALIBRATORS, Calibrator, GammaSweep, build_calibrator, parse_calibration, tradeoff_curve
 from ciss.config import RunConfig, stable_hash, to_dict
 from ciss.data import build_dataset
 from ciss.data.transforms import EvalTransform, Resized, TrainTransform
 from ciss.methods import Method, Phase, build_method
 from ciss.metrics import ConfusionMatrix, StepMetrics, forgetting, format_table, step_metrics
 from ciss.models import build_segmenter
+from ciss.probe import class_means, ncm_logits
 from ciss.results import RunDir, load_checkpoint, save_checkpoint
 from ciss.scenario import Scenario, build_scenario
 from ciss.types import Batch, SegOutput, StepContext
@@ -158,6 +160,40 @@ class RunResult:
         return format_table(self.steps, title)
 
 
+@dataclass
+class EvalResult:
+    """One evaluation after a step: the trained model's figures, then post-hoc variants of it."""
+
+    raw: StepMetrics
+    calibrated: dict[str, tuple[float, StepMetrics]] = field(default_factory=dict)  # name -> (gamma, figures)
+    sweep: Optional[dict[str, Any]] = None  # calibration.tradeoff_curve on the test images
+    ncm: Optional[StepMetrics] = None  # nearest-prototype classifier on the same features
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.raw.as_dict())
+        if self.calibrated:
+            out["calibrated"] = {k: {"gamma": g, **m.as_dict()} for k, (g, m) in self.calibrated.items()}
+        if self.sweep is not None:
+            out["sweep"] = self.sweep
+        if self.ncm is not None:
+            out["ncm"] = self.ncm.as_dict()
+        return out
+
+    def lines(self) -> list[str]:
+        """Table rows: raw, then one per variant, labelled."""
+        rows = [("", self.raw)] + [(f"+{k} (gamma {g:.3g})", m) for k, (g, m) in self.calibrated.items()]
+        if self.ncm is not None:
+            rows.append(("NCM probe", self.ncm))
+        out = []
+        for label, m in rows:
+            line = format_table([m]).splitlines()[-1]
+            out.append(f"{line}  {label}".rstrip())
+        if self.sweep is not None:
+            out.append(f"     gamma sweep: AUSUC {100 * self.sweep['ausuc']:.2f} "
+                       f"(mIoU of absent classes vs of background + the step's classes)")
+        return out
+
+
 def peak_rss_mb() -> float:
     try:
         import resource
@@ -203,6 +239,7 @@ class Experiment:
             cache_dir=cache_root(cfg) / "scenarios", progress=cfg.progress and self.dist.main)
         self.train_scenario = self.scenario.as_joint() if self.method.offline else self.scenario
         self.num_base = self.scenario.classes_per_step[0]
+        self.calibration = parse_calibration(cfg.calibration)
         self.run = RunDir(run_dir or Path(cfg.out_dir) / (cfg.name or default_run_name(cfg)))
         self.writer = None
 
@@ -369,28 +406,132 @@ class Experiment:
                     scheduler=sched.state_dict()))
         self.method.on_phase_end(phase, core, old_model, DeviceLoader(loader, self.device), ctx)
 
+    def step_images(self, step: int, train: bool) -> DataLoader:
+        """Step `step`'s training images (train=True) or test images, at evaluation size, unshuffled."""
+        transform = Resized(EvalTransform(self.cfg.data.eval_size), self.cfg.data.resize)
+        scn = self.train_scenario
+        data = scn.train_dataset(step, transform) if train else scn.test_dataset(step, transform)
+        if self.dist.enabled and not train:  # each rank evaluates a shard; the matrices are summed
+            data = torch.utils.data.Subset(data, list(range(self.dist.rank, len(data), self.dist.world)))
+        return DataLoader(data, batch_size=self.cfg.optim.eval_batch_size, shuffle=False,
+                          num_workers=self.cfg.data.num_workers, collate_fn=collate)
+
+    def _bar(self, loader: DataLoader, desc: str) -> Iterable[Batch]:
+        total = len(loader.dataset)  # type: ignore[arg-type]
+        bar = tqdm(total=total, leave=False, desc=desc, unit="img",
+                   disable=not (self.cfg.progress and self.dist.main))
+        for batch in iter_batches(loader, self.device):
+            yield batch
+            bar.update(batch.image.shape[0])
+        bar.close()
+
+    def decision_logits(self, model: nn.Module, ctx: StepContext) -> Any:
+        def fn(image: torch.Tensor) -> torch.Tensor:
+            with autocast_ctx(self.device, self.cfg.optim.amp):
+                out = model(image)
+            return self.method.eval_logits(out, ctx).float()
+        return fn
+
+    @torch.no_grad()
+    def fit_calibrators(self, model: nn.Module, old_model: nn.Module, step: int,
+                        names: list[str]) -> dict[str, Calibrator]:
+        """Fit the named calibrators after `step` on the step's own training images (no old image)."""
+        model.eval()
+        old_model.eval()
+        ctx = self.context(step, 0, 0)
+        new_fn = self.decision_logits(model, ctx)
+        old_fn = self.decision_logits(old_model, self.context(step - 1, 0, 0))
+        out = {}
+        for name in names:
+            cal = build_calibrator(name)
+            cal.fit(self._bar(self.step_images(step, train=True), f"fit {name} step {step}"),
+                    new_fn, ctx, old_fn)
+            out[name] = cal
+        return out
+
+    @torch.no_grad()
+    def step_prototypes(self, model: nn.Module, step: int) -> dict[int, torch.Tensor]:
+        """Mean decoder feature of background and of each class the step teaches, on its own images."""
+        model.eval()
+        ctx = self.context(step, 0, 0)
+        classes = [0] + list(range(ctx.num_old, ctx.num_seen)) if step > 0 else list(range(ctx.num_seen))
+        return class_means(model, self._bar(self.step_images(step, train=True), f"prototypes step {step}"),
+                           classes)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> StepMetrics:
         """Confusion matrix on the whole test split with unseen classes relabelled background."""
+        return self.evaluate_full(model, step).raw
+
+    @torch.no_grad()
+    def evaluate_full(self, model: nn.Module, step: int,
+                      calibrators: Optional[dict[str, Calibrator]] = None, sweep: bool = False,
+                      prototypes: Optional[dict[int, torch.Tensor]] = None) -> EvalResult:
+        """The trained model's figures and, in the same pass, calibrated ones, the gamma sweep and
+        the nearest-prototype probe (each only when asked)."""
         core = unwrap(model)
         core.eval()
         scn = self.train_scenario
         ctx = self.context(step, 0, 0)
-        data = scn.test_dataset(step, Resized(EvalTransform(self.cfg.data.eval_size), self.cfg.data.resize))
-        if self.dist.enabled:  # each rank evaluates a shard; the matrices are summed
-            data = torch.utils.data.Subset(data, list(range(self.dist.rank, len(data), self.dist.world)))
-        loader = DataLoader(data, batch_size=self.cfg.optim.eval_batch_size, shuffle=False,
-                            num_workers=self.cfg.data.num_workers, collate_fn=collate)
-        cm = ConfusionMatrix(ctx.num_seen, device=self.device)
-        for batch in tqdm(iter_batches(loader, self.device), total=len(loader), leave=False,
-                          disable=not (self.cfg.progress and self.dist.main), desc=f"eval step {step}"):
+        calibrators = calibrators or {}
+        sweep = sweep and step > 0 and ctx.num_old > 1
+        cms = {k: ConfusionMatrix(ctx.num_seen, device=self.device) for k in ["", *calibrators]}
+        sw = GammaSweep(ctx.num_seen, ctx.num_old) if sweep else None
+        ncm_cm = ConfusionMatrix(ctx.num_seen, device=self.device) if prototypes is not None else None
+        if prototypes is not None:  # a class without a prototype (no pixel at feature scale) is never predicted
+            dim = next(iter(prototypes.values())).numel()
+            protos = torch.stack([prototypes.get(c, torch.full((dim,), float("nan")))
+                                  for c in range(ctx.num_seen)]).to(self.device)
+        for batch in self._bar(self.step_images(step, train=False), f"eval step {step}"):
             with autocast_ctx(self.device, self.cfg.optim.amp):
                 out = core(batch.image)
             logits = self.method.eval_logits(out, ctx)
-            cm.update(logits.argmax(1), batch.label)
+            cms[""].update(logits.argmax(1), batch.label)
+            for name, cal in calibrators.items():
+                cms[name].update(cal.apply(logits.float(), ctx).argmax(1), batch.label)
+            if sw is not None:
+                sw.update(logits.float(), batch.label)
+            if ncm_cm is not None:
+                ncm = ncm_logits(out.features["head"].float(), protos, batch.label.shape[-2:])
+                ncm_cm.update(ncm.argmax(1), batch.label)
         if self.dist.enabled:
-            dist.all_reduce(cm.mat)
-        return step_metrics(cm, step, self.num_base, scn.class_names)
+            for cm in [*cms.values(), *([ncm_cm] if ncm_cm is not None else [])]:
+                dist.all_reduce(cm.mat)
+            if sw is not None:
+                dist.all_reduce(sw.at_a)
+                dist.all_reduce(sw.at_b)
+        metrics = {k: step_metrics(cm, step, self.num_base, scn.class_names) for k, cm in cms.items()}
+        return EvalResult(
+            raw=metrics[""],
+            calibrated={k: (c.gamma, metrics[k]) for k, c in calibrators.items()},
+            sweep=tradeoff_curve(sw) if sw is not None else None,
+            ncm=step_metrics(ncm_cm, step, self.num_base, scn.class_names) if ncm_cm is not None else None)
+
+    def load_step_model(self, step: int) -> nn.Module:
+        """A fresh model holding the checkpoint of `step` of this run (for an old-model snapshot)."""
+        state = load_checkpoint(self.run.step_ckpt(step))
+        model = self.build_model(tuple(state["model_config"]["classes_per_step"][:1]))
+        self.load_into(model, state, with_method=False)
+        return model.to(self.device).eval()
+
+    def calibrate_step(self, model: nn.Module, step: int) -> dict[str, Calibrator]:
+        """Fit the run's calibrators after `step` (none at step 0) and store them in its checkpoint."""
+        names = [n for n in self.calibration if n in CALIBRATORS]
+        if step == 0 or not names:
+            return {}
+        path = self.run.step_ckpt(step)
+        state = load_checkpoint(path)
+        saved = state.get("calibration", {})
+        if all(n in saved for n in names):  # fitted before an interruption
+            cals = {n: build_calibrator(n) for n in names}
+            for n, c in cals.items():
+                c.load_state_dict(saved[n])
+            return cals
+        cals = self.fit_calibrators(unwrap(model), self.load_step_model(step - 1), step, names)
+        if self.dist.main:
+            state["calibration"] = {**saved, **{n: c.state_dict() for n, c in cals.items()}}
+            save_checkpoint(path, state)
+        return cals
 
     def run_all(self) -> RunResult:
         cfg = self.cfg
@@ -431,15 +572,24 @@ class Experiment:
         for step in range(first, scn.num_steps):
             self.train_step(model, step, partial)
             partial = None
-            metrics = self.evaluate(model, step)
+            calibrators = self.calibrate_step(model, step)
+            res_t = self.evaluate_full(model, step, calibrators, sweep="sweep" in self.calibration)
+            metrics = res_t.raw
             results.append(metrics)
             if self.dist.main:
-                row = {**metrics.as_dict(), "method": cfg.method, "wall_time_s": time.time() - t0,
+                row = {**res_t.as_dict(), "method": cfg.method, "wall_time_s": time.time() - t0,
                        "uses_memory": self.method.uses_memory}
                 self.run.append_jsonl("results.jsonl", row)
-                self.log_scalars("eval", {"miou_old": metrics.miou_old, "miou_new": metrics.miou_new,
-                                          "miou_all": metrics.miou_all}, step)
-                self.print(format_table([metrics]) if step == 0 else format_table([metrics]).splitlines()[-1])
+                scalars = {"miou_old": metrics.miou_old, "miou_new": metrics.miou_new,
+                           "miou_all": metrics.miou_all}
+                for name, (gamma, m) in res_t.calibrated.items():
+                    scalars.update({f"{name}_miou_old": m.miou_old, f"{name}_miou_new": m.miou_new,
+                                    f"{name}_miou_all": m.miou_all, f"{name}_gamma": gamma})
+                self.log_scalars("eval", scalars, step)
+                if step == 0:
+                    self.print(format_table([metrics]))
+                else:
+                    self.print("\n".join(res_t.lines()))
         res = RunResult(self.run.path, results, time.time() - t0, peak_rss_mb())
         if self.dist.main:
             title = f"{cfg.method} on {cfg.data.dataset} {cfg.data.task} {cfg.data.setting}"

@@ -1,36 +1,114 @@
-"""Evaluate the checkpoints of a finished (or interrupted) run directory again."""
+"""Evaluate the checkpoints of a finished (or interrupted) run directory again, optionally with
+post-hoc calibration (fitted on each step's own training images, stored in its checkpoint) and the
+nearest-prototype probe."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from ciss.calibration import CALIBRATORS, build_calibrator, parse_calibration
 from ciss.config import from_dict
 from ciss.engine import Experiment
 from ciss.metrics import format_table
-from ciss.results import RunDir, load_checkpoint
+from ciss.results import RunDir, load_checkpoint, save_checkpoint
+
+PROBES = ("ncm",)
 
 
-def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = "cpu") -> str:
+def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = "cpu",
+                 calibration: Any = None, probe: Optional[str] = None) -> str:
+    """Text report; with calibration or a probe also `RUN/posthoc.jsonl` (one row per step) and, for
+    the sweep, `RUN/calibration/sweep.png` + `sweep.json`."""
     run = RunDir(run_dir, create=False)
     cfg = from_dict(run.read_config())
     cfg.device = device
     cfg.tensorboard = False
+    names = parse_calibration(calibration)
+    if probe is not None and probe not in PROBES:
+        raise ValueError(f"unknown probe '{probe}'; choose from {', '.join(PROBES)}")
     exp = Experiment(cfg, run.path)
     steps = run.checkpointed_steps()
     if step is not None:
         if step not in steps:
             raise FileNotFoundError(f"{run.path}: no checkpoint for step {step}; have {steps}")
-        steps = [step]
     if not steps:
         raise FileNotFoundError(f"{run.path}: no step checkpoint yet; train first (ciss train)")
-    rows = []
+    if probe and steps != list(range(len(steps))):
+        raise FileNotFoundError(f"{run.path}: the probe needs every step's checkpoint from 0; have {steps}")
+    title = f"{cfg.method} on {cfg.data.dataset} {cfg.data.task} {cfg.data.setting}"
+    if not names and probe is None:
+        rows = []
+        model = None
+        for t in ([step] if step is not None else steps):
+            state = load_checkpoint(run.step_ckpt(t))
+            if model is None:
+                model = exp.build_model(tuple(state["model_config"]["classes_per_step"][:1]))
+            exp.load_into(model, state)
+            model.to(exp.device)
+            rows.append(exp.evaluate(model, t))
+        return format_table(rows, title)
+
+    lines: list[str] = []
+    last = None
+    prototypes: dict[int, Any] = {}
+    curves = []
     model = None
     for t in steps:
-        state = load_checkpoint(run.step_ckpt(t))
+        if step is not None and t > step:
+            break
+        path = run.step_ckpt(t)
+        state = load_checkpoint(path)
         if model is None:
             model = exp.build_model(tuple(state["model_config"]["classes_per_step"][:1]))
         exp.load_into(model, state)
         model.to(exp.device)
-        rows.append(exp.evaluate(model, t))
-    return format_table(rows, f"{cfg.method} on {cfg.data.dataset} {cfg.data.task} {cfg.data.setting}")
+        changed = False
+        if probe:
+            own = state.get("probe", {}).get("ncm")
+            if own is None:
+                own = exp.step_prototypes(model, t)
+                state.setdefault("probe", {})["ncm"] = own
+                changed = True
+            prototypes.update(own)
+        if step is not None and t != step:
+            if changed:
+                save_checkpoint(path, state)
+            continue
+        cals = {}
+        wanted = [n for n in names if n in CALIBRATORS]
+        if t > 0 and wanted:
+            saved = state.get("calibration", {})
+            missing = [n for n in wanted if n not in saved]
+            if missing:
+                fitted = exp.fit_calibrators(model, exp.load_step_model(t - 1), t, missing)
+                saved = {**saved, **{n: c.state_dict() for n, c in fitted.items()}}
+                state["calibration"] = saved
+                changed = True
+            for n in wanted:
+                cals[n] = build_calibrator(n)
+                cals[n].load_state_dict(saved[n])
+        if changed:
+            save_checkpoint(path, state)
+        res = exp.evaluate_full(model, t, cals, sweep="sweep" in names,
+                                prototypes=dict(prototypes) if probe else None)
+        lines.extend(res.lines())
+        last = res.raw
+        run.append_jsonl("posthoc.jsonl", {"method": cfg.method, **res.as_dict()})
+        if res.sweep is not None:
+            curves.append((f"step {t}", res.sweep))
+    if last is not None:  # the header names the last step's class ranges
+        lines = format_table([last], title).splitlines()[:-1] + lines
+    if curves:
+        out = run.path / "calibration"
+        out.mkdir(exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(
+            {label: {k: [None if isinstance(x, float) and math.isnan(x) else x for x in v]
+                     if isinstance(v, list) else v for k, v in c.items()} for label, c in curves}))
+        from ciss.plots import plot_tradeoff
+
+        plot_tradeoff(curves, out / "sweep.png", title=f"{title}: gamma sweep")
+        lines.append(f"sweep curves: {out / 'sweep.png'}")
+    return "\n".join(lines)
