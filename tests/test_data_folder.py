@@ -201,3 +201,27 @@ def test_check_files_can_be_skipped(folder):
 def test_ambiguous_image_extension(folder):
     Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(folder / "images" / "000.png")
     assert "several files" in _err(folder)
+
+
+def test_labels_renumbered_into_a_given_class_list_by_name(folder):
+    target = ["background", "person", "Dog ", "car", "cat"]
+    ds = build_dataset("folder", "train", folder, classes=target)
+    assert ds.classes == target and ds.own_classes == CLASSES
+    # image 1 holds its own value 2 (dog) -> 2 in target; image 0 holds 1 (cat) -> 4
+    assert set(np.unique(ds.load_mask(1)).tolist()) == {0, 2, 255}
+    assert set(np.unique(ds.load_mask(0)).tolist()) == {0, 4, 255}
+    assert ds.class_presence(0)[[0, 4, 255]].all() and not ds.class_presence(0)[1]
+    assert ds.cache_key() != FolderDataset(folder).cache_key()
+    with pytest.raises(DataError, match="not among the classes"):
+        build_dataset("folder", "train", folder, classes=["background", "cat"])
+
+
+def test_renumbered_labels_still_refuse_values_outside_classes_txt(folder):
+    lbl = np.zeros((6, 8), dtype=np.uint8)
+    lbl[0, 0] = 3  # classes.txt has 0..2; 3 exists in the target list but not in this folder
+    Image.fromarray(lbl, mode="L").save(folder / "labels" / "000.png")
+    ds = build_dataset("folder", "train", folder, classes=["background", "cat", "dog", "car"])
+    with pytest.raises(DataError, match=r"000.png holds value\(s\) \[3\]"):
+        ds.class_presence(0)
+    with pytest.raises(DataError, match="classes.txt"):
+        ds.load_mask(0)

@@ -37,6 +37,41 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_model(mf, figures, out: str) -> None:
+    print(f"wrote {out}: {len(mf.classes) - 1} classes ({', '.join(mf.classes[1:])}), "
+          f"{len(mf.lineage)} step(s); run directory {out}.run")
+    if figures is not None:
+        print(f"validation after the last step: mIoU old {100 * figures['miou_old']:.2f} | "
+              f"new {100 * figures['miou_new']:.2f} | all {100 * figures['miou_all']:.2f}")
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from ciss.workflow import fit
+
+    mf, figures = fit(args.data, args.out, method=args.method, recipe=args.recipe,
+                      overrides=args.set, val=args.val)
+    _report_model(mf, figures, args.out)
+    return 0
+
+
+def _extend(args: argparse.Namespace) -> int:
+    from ciss.workflow import extend
+
+    mf, figures = extend(args.model, args.data, args.out, method=args.method, recipe=args.recipe,
+                         overrides=args.set, val=args.val)
+    _report_model(mf, figures, args.out)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ciss.export import export_onnx
+
+    out = args.out or str(Path(args.model).with_suffix(".onnx"))
+    path = export_onnx(args.model, out)
+    print(f"wrote {path}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     what = args.what
     if what == "datasets":
@@ -93,8 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ncm: nearest-prototype classifier on the features, beside the trained one")
     e.set_defaults(fn=_eval)
 
+    from ciss.workflow import DEFAULT_METHOD
+
+    def workflow_options(q: argparse.ArgumentParser, data_help: str, method_help: str, val_help: str) -> None:
+        q.add_argument("--data", required=True, help=data_help)
+        q.add_argument("--out", required=True, help="model file to write (its run directory: OUT.run)")
+        q.add_argument("--method", default=DEFAULT_METHOD, help=method_help)
+        q.add_argument("--val", help=val_help)
+        q.add_argument("--recipe", default="cpu", help="paper | cpu | tiny (default cpu)")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    f = sub.add_parser("fit", help="train a first model on a folder dataset (every class at once)")
+    workflow_options(f, "folder dataset (classes.txt, images/, labels/, splits/)",
+                     f"the method later extend calls will use (default {DEFAULT_METHOD})",
+                     "folder dataset to evaluate on (split val if it has one, else train)")
+    f.set_defaults(fn=_fit)
+
+    x = sub.add_parser("extend", help="teach a model the classes of a new folder dataset")
+    x.add_argument("model", help="ciss model file (or run directory)")
+    workflow_options(x, "folder dataset whose classes.txt names the new classes (old ones by name)",
+                     f"default {DEFAULT_METHOD}", "folder dataset to evaluate on, labelled with any of the classes")
+    x.set_defaults(fn=_extend)
+
+    ex = sub.add_parser("export", help="write an ONNX model from a model file")
+    ex.add_argument("model", help="ciss model file (or run directory)")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--out", help="default: MODEL with suffix .onnx")
+    ex.set_defaults(fn=_export)
+
     pr = sub.add_parser("predict", help="write label PNGs and colour overlays")
-    pr.add_argument("run_dir")
+    pr.add_argument("run_dir", metavar="model", help="ciss model file or run directory")
     pr.add_argument("images", nargs="+")
     pr.add_argument("--out", required=True)
     pr.add_argument("--step", type=int, help="checkpoint of this step (default: the last)")

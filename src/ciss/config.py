@@ -24,8 +24,9 @@ class DataConfig:
     dataset: str = "synthetic"
     root: Optional[str] = None
     train_split: str = "train"
-    test_split: Optional[str] = "val"  # None: the scenario's own held-out images (Cityscapes domains)
-    task: str = "4-2"
+    test_split: Optional[str] = "val"  # None: the scenario's own held-out images (Cityscapes domains); "none": no evaluation
+    test_root: Optional[str] = None  # the test split's dataset root when it is another folder (default: root)
+    task: Any = "4-2"  # a task name, or explicit class groups (lists of ids or names), one per step
     setting: str = "overlapped"
     order: Optional[Any] = None  # None | "A".."E" | "random:<seed>" | path | list of class ids
     crop_size: int = 64
@@ -73,6 +74,7 @@ class RunConfig:
     name: Optional[str] = None
     cache_dir: Optional[str] = None
     reuse_base: bool = True  # share step-0 checkpoints between runs with the same base step
+    init_from: Optional[str] = None  # a ciss model file whose steps count as done: training starts after them
     tensorboard: bool = True
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)

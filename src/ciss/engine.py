@@ -232,11 +232,19 @@ class Experiment:
         d = cfg.data
         self.train_set = build_dataset(d.dataset, split=d.train_split, root=d.root, **d.options)
         # test_split None: the scenario holds out its own test images (domain-incremental protocols)
-        self.test_set = (None if d.test_split is None else
-                         build_dataset(d.dataset, split=d.test_split, root=d.root, **d.options))
+        self.evaluates = d.test_split != "none"
+        self.init_model = None  # the model file whose steps are done (config init_from)
+        if cfg.init_from:
+            from ciss.modelfile import load_model
+
+            self.init_model = load_model(cfg.init_from)
+        self.test_set = (None if d.test_split in (None, "none") else
+                         build_dataset(d.dataset, split=d.test_split, root=d.test_root or d.root,
+                                       **d.options))
         self.scenario: Scenario = build_scenario(
             self.train_set, d.task, setting=d.setting, order=d.order, test=self.test_set,
-            cache_dir=cache_root(cfg) / "scenarios", progress=cfg.progress and self.dist.main)
+            cache_dir=cache_root(cfg) / "scenarios", progress=cfg.progress and self.dist.main,
+            trained_steps=len(self.init_model.classes_per_step) if self.init_model is not None else 0)
         self.train_scenario = self.scenario.as_joint() if self.method.offline else self.scenario
         self.num_base = self.scenario.classes_per_step[0]
         self.calibration = parse_calibration(cfg.calibration)
@@ -533,6 +541,30 @@ class Experiment:
             save_checkpoint(path, state)
         return cals
 
+    def install_init_model(self) -> int:
+        """Take the steps of the `init_from` model file as done: check that it matches the scenario
+        and the method, and store it as the run's checkpoint of its last step. Returns its steps."""
+        mf = self.init_model
+        assert mf is not None
+        have = tuple(mf.model_config["classes_per_step"])
+        want = tuple(self.train_scenario.classes_per_step)
+        if have != want[: len(have)] or len(have) >= len(want):
+            raise ValueError(f"{self.cfg.init_from}: its classifier has classes per step {have}, which "
+                             f"is not a beginning of this task's {want}")
+        extra = int(mf.model_config.get("num_extra", 0))
+        if extra != self.method.num_extra_outputs():
+            raise ValueError(f"{self.cfg.init_from} was trained with {extra} extra output(s) and method "
+                             f"'{self.method.name}' needs {self.method.num_extra_outputs()}: continue it "
+                             f"with a method of the same family as '{mf.method}'")
+        path = self.run.step_ckpt(len(have) - 1)
+        if not path.is_file() and self.dist.main:
+            save_checkpoint(path, {"format": "ciss-checkpoint-v1", "step": len(have) - 1,
+                                   "model": mf.weights, "model_config": dict(mf.model_config),
+                                   "method": {}})
+        if self.dist.enabled:
+            dist.barrier()
+        return len(have)
+
     def run_all(self) -> RunResult:
         cfg = self.cfg
         t0 = time.time()
@@ -547,10 +579,12 @@ class Experiment:
         done = self.run.step_results()
         model = self.build_model((scn.classes_per_step[0],)).to(self.device)
 
-        # Resume: the last step with both a checkpoint and an evaluation record is complete.
+        init_steps = self.install_init_model() if cfg.init_from else 0
+        # Resume: the last step with both a checkpoint and an evaluation record is complete (the
+        # steps of an init_from model need no record).
         first = 0
         for t in range(scn.num_steps):
-            if t in done and self.run.step_ckpt(t).is_file():
+            if t < init_steps - 1 or self.run.step_ckpt(t).is_file() and (t in done or t < init_steps):
                 first = t + 1
             else:
                 break
@@ -565,13 +599,20 @@ class Experiment:
 
         results = [StepMetrics(step=r["step"], iou=[float("nan") if v is None else v for v in r["iou"]],
                                num_base=r["num_base"], class_names=r.get("class_names"))
-                   for t, r in sorted(done.items()) if t < first]
+                   for t, r in sorted(done.items()) if t < first and "iou" in r]
         for r in results:
             self.print(format_table([r]).splitlines()[-1] if r.step else format_table([r]))
 
         for step in range(first, scn.num_steps):
             self.train_step(model, step, partial)
             partial = None
+            if not self.evaluates:  # data.test_split "none": trained, checkpointed, not evaluated
+                if self.dist.main:
+                    self.run.append_jsonl("results.jsonl", {
+                        "step": step, "evaluated": False, "method": cfg.method,
+                        "wall_time_s": time.time() - t0, "uses_memory": self.method.uses_memory})
+                self.print(f"step {step}: trained (no evaluation set)")
+                continue
             calibrators = self.calibrate_step(model, step)
             res_t = self.evaluate_full(model, step, calibrators, sweep="sweep" in self.calibration)
             metrics = res_t.raw

@@ -9,11 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ciss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ciss.methods import build_method
-from ciss.models import build_segmenter
-from ciss.results import RunDir, load_checkpoint
-from ciss.types import StepContext
+from ciss.modelfile import ModelFile, load_model
 
 
 def palette(n: int = 256) -> np.ndarray:
@@ -61,47 +57,35 @@ def save_label_png(label: np.ndarray, path: Path) -> None:
 
 
 class Predictor:
-    """Loads a model from a run directory (its last complete step) and segments images."""
+    """Segments images with a model file or a run directory's model (its last step, or `step`)."""
 
-    def __init__(self, run_dir: str | Path, step: Optional[int] = None, device: str = "cpu") -> None:
-        self.run = RunDir(run_dir, create=False)
-        ckpts = self.run.checkpointed_steps()
-        if not ckpts:
-            raise FileNotFoundError(f"{run_dir}: no step checkpoint yet; train first (ciss train)")
-        if step is not None and step not in ckpts:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint for step {step}; have {ckpts}")
-        self.step = ckpts[-1] if step is None else step
-        state = load_checkpoint(self.run.step_ckpt(self.step))
-        cfg = dict(state["model_config"])
-        cfg["pretrained"] = False  # the checkpoint carries every weight
-        self.model = build_segmenter(**cfg)
-        self.model.load_state_dict(state["model"], strict=True)
-        self.model.eval().to(device)
+    def __init__(self, source: str | Path, step: Optional[int] = None, device: str = "cpu") -> None:
+        path = Path(source)
+        self.model_file = ModelFile.from_run(path, step) if path.is_dir() else load_model(path)
+        self.step = self.model_file.step
+        if step is not None and step != self.step:
+            raise ValueError(f"{path}: a model file holds step {self.step} only; choose a step "
+                             f"only with a run directory")
         self.device = torch.device(device)
-        per_step = tuple(cfg["classes_per_step"])
-        self.num_classes = sum(per_step)
-        run_cfg = self.run.read_config()
-        # predictions go through the method's own decision rule (e.g. SSUL folds 'unknown' into bg)
-        self.method = build_method(run_cfg["method"], **(run_cfg.get("method_args") or {}))
-        self.ctx = StepContext(step=len(per_step) - 1, classes_per_step=per_step,
-                               num_steps=len(per_step), device=self.device)
-        names = (self.run.step_results().get(self.step) or {}).get("class_names")
-        self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
-        self.resize = (run_cfg.get("data") or {}).get("resize")  # predict at the trained scale
+        self.model = self.model_file.build(self.device)
+        self.class_names = list(self.model_file.classes)
+        self.num_classes = len(self.class_names)
+        self.resize = self.model_file.resize  # predict at the trained scale
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
         """image (H, W, 3) uint8 RGB -> (H, W) uint8 model labels."""
         x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div(255)
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        mean = torch.tensor(self.model_file.mean).view(3, 1, 1)
+        std = torch.tensor(self.model_file.std).view(3, 1, 1)
         x = ((x - mean) / std)[None].to(self.device)
         h, w = image.shape[:2]
         if self.resize:
             k = self.resize / min(h, w)
             x = torch.nn.functional.interpolate(x, size=(max(1, round(h * k)), max(1, round(w * k))),
                                                 mode="bilinear", align_corners=False)
-        logits = self.method.eval_logits(self.model(x), self.ctx)
+        # the method's own decision rule (e.g. SSUL folds 'unknown' into the background)
+        logits = self.model_file.decision_logits(self.model(x))
         if logits.shape[-2:] != (h, w):
             logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
                                                      align_corners=False)

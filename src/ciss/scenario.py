@@ -648,8 +648,12 @@ def build_scenario(
     test: Optional[SegDataset] = None,
     cache_dir: Optional[str | Path] = None,
     progress: bool = True,
+    trained_steps: int = 0,
 ) -> Scenario:
     """The scenario `task` on `train` (and `test`, for evaluation sets) in `setting`.
+
+    trained_steps: the first steps are trained already (a model continued on new data), so they
+    may have no image in `train`.
 
     task: a name ("15-1", "100-50", "15-5s", "offline", any N-M that divides the classes evenly,
     or N-a-b-... explicit sizes) or an explicit list of class groups (raw ids or names; the groups
@@ -699,7 +703,7 @@ def build_scenario(
         _save_index_cache(index_path, arrays)
 
     for t, idx in enumerate(arrays["train"]):
-        if len(idx) == 0:
+        if len(idx) == 0 and t >= trained_steps:
             names = ", ".join(classes[c] for c in steps[t] if c != BACKGROUND)
             raise DataError(
                 f"step {t} of task {task_name} ({setting}) on {train.name} {train.split} has no "

@@ -24,10 +24,13 @@ from ciss.data.base import (
     LabelFileDataset,
     compute_presence,
     header_size,
+    label_histogram,
     open_label,
+    read_label,
     read_rgb,
 )
 from ciss.data.errors import DataError
+from ciss.types import IGNORE
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 _SHOW = 5  # how many offending ids a message lists
@@ -122,6 +125,7 @@ class FolderDataset(LabelFileDataset):
         split: str = "train",
         check_files: bool = True,
         name: str = "folder",
+        classes: Optional[list[str]] = None,
     ) -> None:
         self.name = name
         self.split = split
@@ -132,7 +136,11 @@ class FolderDataset(LabelFileDataset):
                 f"holds classes.txt, images/, labels/ and splits/"
             )
         self.root = root
-        self.classes = read_classes(root / "classes.txt")
+        self.own_classes = read_classes(root / "classes.txt")
+        self.classes = self.own_classes
+        self._lut: Optional[np.ndarray] = None  # own label value -> index in `classes`
+        if classes is not None:  # labels renumbered into a given class list, by name
+            self.classes, self._lut = remap_by_name(self.own_classes, list(classes), root / "classes.txt")
         split_dir = root / "splits"
         available = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
         split_file = split_dir / f"{split}.txt"
@@ -225,6 +233,30 @@ class FolderDataset(LabelFileDataset):
     def label_path(self, i: int) -> Path:
         return self._label_paths[i]
 
+    def _check_values(self, i: int, present: np.ndarray) -> None:
+        bad = np.flatnonzero(present[len(self.own_classes):IGNORE])
+        if bad.size:
+            raise DataError(
+                f"label file {self.label_path(i)} holds value(s) {(bad + len(self.own_classes)).tolist()} "
+                f"that are neither a class of {self.root / 'classes.txt'} "
+                f"(0..{len(self.own_classes) - 1}) nor {IGNORE} (ignore); {self.label_hint}")
+
+    def load_mask(self, i: int) -> np.ndarray:
+        mask = read_label(self.label_path(i))
+        if self._lut is None:
+            return mask
+        self._check_values(i, np.bincount(mask.ravel(), minlength=256) > 0)
+        return self._lut[mask]
+
+    def class_presence(self, i: int) -> np.ndarray:
+        present = label_histogram(self.label_path(i)) > 0
+        if self._lut is None:
+            return present
+        self._check_values(i, present)
+        out = np.zeros(256, dtype=bool)
+        out[self._lut[np.flatnonzero(present)]] = True
+        return out
+
     def key_params(self) -> dict[str, Any]:
         # User data gets edited in place, and copied (new mtimes, same bytes): the digest of every
         # label file's bytes makes an edit visible to the caches and keeps them across a copy
@@ -232,11 +264,32 @@ class FolderDataset(LabelFileDataset):
         h = hashlib.sha1()
         for p in self._label_paths:
             h.update(hashlib.sha1(p.read_bytes()).digest())
-        return {"classes": self.classes, "labels": h.hexdigest()}
+        return {"classes": self.classes, "labels": h.hexdigest(),
+                "remap": None if self._lut is None else self._lut[: len(self.own_classes)].tolist()}
+
+
+def remap_by_name(own: list[str], target: list[str], where: Path) -> tuple[list[str], np.ndarray]:
+    """`target` and the (256,) lut from this folder's label values to indices in `target`: a class is
+    matched by name (case and surrounding spaces ignored); value 0 is background in both; 255 stays."""
+    index = {n.strip().lower(): k for k, n in enumerate(target)}
+    lut = np.full(256, IGNORE, dtype=np.uint8)
+    lut[0] = 0
+    missing = []
+    for v, n in enumerate(own[1:], start=1):
+        k = index.get(n.strip().lower())
+        if k is None or k == 0:
+            missing.append(n)
+        else:
+            lut[v] = k
+    if missing:
+        raise DataError(f"{where} names {missing}, which are not among the classes {target[1:]}; "
+                        "rename them to match, or remove them")
+    return list(target), lut
 
 
 def open_folder(
-    root: Optional[str | Path], split: str = "train", check_files: bool = True
+    root: Optional[str | Path], split: str = "train", check_files: bool = True,
+    classes: Optional[list[str]] = None,
 ) -> FolderDataset:
     if root is None:
         raise DataError(
@@ -245,4 +298,4 @@ def open_folder(
         )
     if isinstance(check_files, str):  # from a command line
         check_files = check_files.strip().lower() not in ("0", "false", "no", "off")
-    return FolderDataset(root, split, check_files=check_files)
+    return FolderDataset(root, split, check_files=check_files, classes=classes)

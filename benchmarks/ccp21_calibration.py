@@ -1,0 +1,145 @@
+"""Post-hoc calibration and the NCM probe on finished ccp21 runs (see benchmarks/ccp21_table.py).
+
+For each method's run directory it runs (or reuses) `ciss eval RUN --calibration alg,pcv[,sweep]
+[--probe ncm]`, then writes one Markdown page: raw vs ALG vs PCV after every step, the sweep's AUSUC
+and trade-off plot, and the probe beside the trained classifier.
+
+    python benchmarks/ccp21_calibration.py --runs ~/ciss-runs/ccp21 --methods ft mib plop ssul \
+        --sweep ft mib --probe ft mib --out benchmarks/results/ccp21_15-1_calibration.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def three(r: dict) -> str:
+    return f"{pct(r['miou_old'])} | {pct(r['miou_new'])} | {pct(r['miou_all'])}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--task", default="15-1")
+    ap.add_argument("--setting", default="overlapped")
+    ap.add_argument("--methods", nargs="+", required=True)
+    ap.add_argument("--sweep", nargs="*", default=[], help="methods that also get the gamma sweep")
+    ap.add_argument("--probe", nargs="*", default=[], help="methods that also get the NCM probe")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    runs = Path(args.runs).expanduser()
+    out = Path(args.out)
+    fig_dir = out.parent / (out.stem + "_figures")
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    rows: dict[str, list[dict]] = {}
+    commands, times = {}, {}
+    for m in args.methods:
+        run = runs / f"ccp21-{args.task}-{args.setting}-{m}"
+        if not (run / "summary.json").is_file():
+            print(f"skip {m}: {run} has not finished", file=sys.stderr)
+            continue
+        cal = "alg,pcv" + (",sweep" if m in args.sweep else "")
+        cmd = [sys.executable, "-m", "ciss.cli", "eval", str(run), "--calibration", cal]
+        if m in args.probe:
+            cmd += ["--probe", "ncm"]
+        commands[m] = "ciss eval " + " ".join(cmd[4:])
+        posthoc = run / "posthoc.jsonl"
+        have = [json.loads(l) for l in posthoc.read_text().splitlines()] if posthoc.is_file() else []
+        wanted_ok = lambda r: ("calibrated" not in r and r["step"] == 0) or (  # noqa: E731
+            set(r.get("calibrated", {})) >= {"alg", "pcv"}
+            and ("sweep" in r or m not in args.sweep or r["step"] == 0)
+            and ("ncm" in r or m not in args.probe))
+        last = {r["step"]: r for r in have}
+        if not last or not all(wanted_ok(r) for r in last.values()):
+            t0 = time.time()
+            print("$", commands[m], flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            times[m] = time.time() - t0
+            have = [json.loads(l) for l in posthoc.read_text().splitlines()]
+            last = {r["step"]: r for r in have}
+        rows[m] = [last[t] for t in sorted(last)]
+
+    lines = [f"# ccp21 {args.task} {args.setting}: post-hoc calibration and the NCM probe", "",
+             f"Runs of `benchmarks/ccp21_table.py` (cpu recipe), evaluated again at git `{sha[:10]}`. "
+             "mIoU in %, old | new | all in the papers' layout (old = step-0 classes with background). "
+             "gamma is added to the logits of the classes absent from the step's data (every class "
+             "learned before the step, background excluded); ALG and PCV fit it on the step's own "
+             "training images only. PCV is the pseudo-labelled adaptation (docs/calibration.md).", ""]
+    lines += ["## After the last step", "",
+              "| method | raw old | new | all | +ALG old | new | all | gamma | +PCV old | new | all | gamma |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, rs in rows.items():
+        r = rs[-1]
+        a, p = r["calibrated"]["alg"], r["calibrated"]["pcv"]
+        lines.append(f"| {m} | {three(r)} | {three(a)} | {a['gamma']:.3g} | {three(p)} | {p['gamma']:.3g} |")
+    lines += ["", "## Every step (all classes, mIoU %)", "",
+              "| method | " + " | ".join(f"step {r['step']} raw / ALG / PCV" for r in next(iter(rows.values()))) + " |",
+              "|---|" + "---|" * len(next(iter(rows.values())))]
+    for m, rs in rows.items():
+        cells = []
+        for r in rs:
+            c = r.get("calibrated")
+            cells.append(pct(r["miou_all"]) if not c else
+                         f"{pct(r['miou_all'])} / {pct(c['alg']['miou_all'])} / {pct(c['pcv']['miou_all'])}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+
+    swept = {m: rs for m, rs in rows.items() if any("sweep" in r for r in rs)}
+    if swept:
+        from ciss.plots import plot_tradeoff
+
+        lines += ["", "## Gamma sweep (oracle: gamma chosen on the test images)", "",
+                  "AUSUC = area under the curve of mIoU(absent classes) against mIoU(background + the "
+                  "step's classes), in %; best all = the best mIoU of all classes over the sweep "
+                  "(an upper bound for any gamma).", "",
+                  "| method | step | AUSUC | raw all | best all (gamma) |", "|---|---|---|---|---|"]
+        curves = []
+        for m, rs in swept.items():
+            for r in rs:
+                if "sweep" not in r:
+                    continue
+                s = r["sweep"]
+                allv = [(v if v is not None else float("nan")) for v in s["miou_all"]]
+                k = max(range(len(allv)), key=lambda i: -1 if math.isnan(allv[i]) else allv[i])
+                lines.append(f"| {m} | {r['step']} | {pct(s['ausuc'])} | {pct(r['miou_all'])} | "
+                             f"{pct(allv[k])} ({s['gamma'][k]:.3g}) |")
+            curves.append((f"{m} step {rs[-1]['step']}", rs[-1]["sweep"]))
+        png = plot_tradeoff(curves, fig_dir / "sweep_last_step.png",
+                            title=f"ccp21 {args.task} {args.setting}: gamma sweep after the last step")
+        lines += ["", f"![sweep]({fig_dir.name}/{png.name})"]
+
+    probed = {m: rs for m, rs in rows.items() if any("ncm" in r for r in rs)}
+    if probed:
+        lines += ["", "## NCM probe (prototypes from each class's own step) vs the trained classifier", "",
+                  "| method | step | classifier old | new | all | NCM old | new | all |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m, rs in probed.items():
+            for r in rs:
+                if "ncm" in r:
+                    lines.append(f"| {m} | {r['step']} | {three(r)} | {three(r['ncm'])} |")
+
+    lines += ["", "## Commands", ""] + [f"    {c}" for c in commands.values()]
+    if times:
+        lines += ["", "Evaluation wall time (2 cores, shared with training runs): " +
+                  ", ".join(f"{m} {t:.0f} s" for m, t in times.items())]
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
