@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
     ap.add_argument("--report-only", action="store_true", help="only tabulate the finished runs")
+    ap.add_argument("--notes", help="Markdown file appended to the page (findings written by hand)")
     args = ap.parse_args()
     if not DATA.is_dir():
         print(f"ccp21 not found at {DATA}; this benchmark needs the shared data folder", file=sys.stderr)
@@ -88,9 +89,9 @@ def main() -> int:
     sections = [(s, rows) for s, rows in sections if rows]
 
     lines = [f"# ccp21 `{args.task}`: {', '.join(args.methods)}", "",
-             f"git SHA `{sha}`; `cpu` recipe; 2-core CPU machine, {args.jobs} run(s) at a time; "
-             "mIoU in %. Wall time is the run's own (a run reusing a shared step-0 checkpoint does "
-             "not pay for step 0).", ""]
+             f"Tabulated at git `{sha[:10]}`; each run's own git revision is in its row. `cpu` "
+             f"recipe; 2-core CPU machine, {args.jobs} run(s) at a time; mIoU in %. Wall time is the "
+             "run's own (a run reusing a shared step-0 checkpoint does not pay for step 0).", ""]
     for setting, rows in sections:
         steps = rows[0][2]["steps"]
         last = steps[-1] if len(steps) > 1 else None
@@ -99,12 +100,14 @@ def main() -> int:
         lines += [f"## {setting}", "",
                   f"After the last step: old = classes 0-{n_base - 1} (background included), "
                   f"new = {n_base}-{n_all - 1}.", "",
-                  "| method | old | new | all | wall time (s) | peak RSS (MB) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| method | old | new | all | wall time (s) | peak RSS (MB) | git |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for method, _, s in rows:
             f = s["steps"][-1]
+            meta = runs / f"ccp21-{args.task}-{setting}-{method}" / "meta.json"
+            rev = json.loads(meta.read_text()).get("git_sha", "")[:10] if meta.is_file() else ""
             lines.append(f"| {method} | {pct(f['miou_old'])} | {pct(f['miou_new'])} | {pct(f['miou_all'])} "
-                         f"| {s['wall_time_s']:.0f} | {s['peak_rss_mb']:.0f} |")
+                         f"| {s['wall_time_s']:.0f} | {s['peak_rss_mb']:.0f} | {rev} |")
         del last
         lines += ["", "mIoU (all seen classes) after each step:", ""]
         max_steps = max(len(s["steps"]) for _, _, s in rows)
@@ -125,6 +128,8 @@ def main() -> int:
                   .replace(str(DATA), "../shared/datasets/ccp21").replace(str(ROOT) + "/", "")
                   for _, cmd, _ in rows]
         lines += ["```", ""]
+    if args.notes:
+        lines += [Path(args.notes).read_text()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
