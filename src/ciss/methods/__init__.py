@@ -5,22 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 from ciss.methods.base import Method, Phase
+from ciss.methods.ewc import EWC
 from ciss.methods.ft import FineTuning
 from ciss.methods.gsc import GSC
 from ciss.methods.ilt import ILT
 from ciss.methods.joint import Joint
 from ciss.methods.lwf import LwF
+from ciss.methods.lwf_mc import LwFMC
 from ciss.methods.mib import MiB
 from ciss.methods.nest import NeST, NeSTMiB, NeSTPLOP
 from ciss.methods.plop import PLOP
+from ciss.methods.sdr import SDR
 from ciss.methods.ssul import SSUL, SSULM
 
 METHODS: dict[str, type[Method]] = {
     "ft": FineTuning,
     "joint": Joint,
     "lwf": LwF,
+    "lwf_mc": LwFMC,
+    "ewc": EWC,
     "ilt": ILT,
     "mib": MiB,
+    "sdr": SDR,
     "plop": PLOP,
     "gsc": GSC,
     "nest": NeST,
