@@ -42,3 +42,27 @@ def tiny_config(tmp_path: Path, *overrides: str) -> RunConfig:
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return lambda *o: tiny_config(tmp_path, *o)
+
+
+def checkpoint_round_trip(method):
+    """A fresh method of the same name loaded from `method`'s state after a weights-only save."""
+    import io
+
+    from ciss.methods import build_method
+
+    buf = io.BytesIO()
+    torch.save({"method": method.state_dict()}, buf)
+    buf.seek(0)
+    fresh = build_method(method.name)
+    fresh.load_state_dict(torch.load(buf, weights_only=True)["method"])
+    return fresh
+
+
+def outputs_on_random_batch(model, old, num_classes: int = 5, size: int = 32):
+    """(label, model output, old model output without gradients) on a random batch of 2."""
+    x = torch.randn(2, 3, size, size)
+    label = torch.randint(0, num_classes, (2, size, size))
+    out = model(x)
+    with torch.no_grad():
+        old_out = old(x)
+    return label, out, old_out

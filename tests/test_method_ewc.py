@@ -2,7 +2,6 @@
 that vanishes at the previous step's parameters."""
 
 import copy
-import io
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from ciss.methods import build_method
 from ciss.methods.ewc import estimate_fisher, min_max_normalize
 from ciss.models import build_segmenter
+from conftest import checkpoint_round_trip
 from ciss.types import IGNORE, Batch, StepContext, Targets
 
 CTX0 = StepContext(step=0, classes_per_step=(3, 2), num_steps=2)
@@ -108,12 +108,7 @@ def test_penalty_zero_at_old_parameters_positive_after_perturbation():
 
 def test_state_round_trips_through_a_checkpoint():
     model, ewc = trained_step0()
-    buf = io.BytesIO()
-    torch.save({"method": ewc.state_dict()}, buf)
-    buf.seek(0)
-    state = torch.load(buf, weights_only=True)["method"]
-    fresh = build_method("ewc")
-    fresh.load_state_dict(state)
+    fresh = checkpoint_round_trip(ewc)
     assert fresh.fisher_step == 0
     for a, b in [(fresh.fisher, ewc.fisher), (fresh.old_params, ewc.old_params)]:
         assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ciss.losses import cross_entropy, unbiased_cross_entropy, unbiased_knowledge_distillation
 from ciss.methods import build_method
 from ciss.models import build_segmenter
+from conftest import outputs_on_random_batch
 from ciss.types import IGNORE, SegOutput, StepContext, Targets
 
 
@@ -87,11 +88,7 @@ def test_mib_loss_terms_and_step0():
     old, model, ctx = grown_pair()
     mib = build_method("mib")
     mib.init_new_classifiers(model, old, ctx)
-    x = torch.randn(2, 3, 32, 32)
-    label = torch.randint(0, 5, (2, 32, 32))
-    out = model(x)
-    with torch.no_grad():
-        old_out = old(x)
+    label, out, old_out = outputs_on_random_batch(model, old)
     terms = mib.loss(out, Targets(label), old_out, None, ctx)
     assert set(terms) == {"loss", "unce", "unkd"}
     torch.testing.assert_close(terms["loss"], terms["unce"] + terms["unkd"])

@@ -1,7 +1,6 @@
 """PLOP invariants (Douillard et al., CVPR 2021) on tiny tensors and a tiny model."""
 
 import copy
-import io
 import math
 
 import pytest
@@ -13,6 +12,7 @@ from ciss.methods import build_method
 from ciss.methods.base import Phase
 from ciss.methods.plop import histogram_median, merge_new_into_background
 from ciss.models import build_segmenter
+from conftest import checkpoint_round_trip
 from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext
 
 CTX = StepContext(step=1, classes_per_step=(3, 2), num_steps=2)
@@ -138,12 +138,7 @@ def test_thresholds_are_floored_medians_and_survive_a_checkpoint():
         else:
             assert plop.thresholds[c].item() == pytest.approx(plop.entropy_floor)
 
-    buf = io.BytesIO()
-    torch.save({"method": plop.state_dict()}, buf)
-    buf.seek(0)
-    state = torch.load(buf, weights_only=True)["method"]
-    fresh = build_method("plop")
-    fresh.load_state_dict(state)
+    fresh = checkpoint_round_trip(plop)
     assert torch.equal(fresh.thresholds, plop.thresholds) and fresh.thresholds_step == 1
     fresh.load_state_dict({})  # a step-0 checkpoint carries no thresholds and erases none
     assert fresh.thresholds is not None

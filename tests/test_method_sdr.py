@@ -10,6 +10,7 @@ import torch
 from ciss.methods import build_method
 from ciss.methods.sdr import attraction, class_means, prototype_matching, repulsion, sparsity
 from ciss.models import build_segmenter
+from conftest import outputs_on_random_batch
 from ciss.types import IGNORE, SegOutput, StepContext, Targets
 
 CTX0 = StepContext(step=0, classes_per_step=(3, 2), num_steps=2)
@@ -134,11 +135,7 @@ def test_zero_weights_give_mibs_loss_and_missing_prototypes_fail_early():
         sdr.on_step_start(model, old, [], CTX1)
     sdr.prototypes, sdr.counts, sdr.proto_step = torch.rand(3, 16), torch.ones(3, dtype=torch.float64), 0
     sdr.on_step_start(model, old, [], CTX1)
-    x = torch.randn(2, 3, 32, 32)
-    label = torch.randint(0, 5, (2, 32, 32))
-    out = model(x)
-    with torch.no_grad():
-        old_out = old(x)
+    label, out, old_out = outputs_on_random_batch(model, old)
     terms = sdr.loss(out, Targets(label), old_out, None, CTX1)
     ref = mib.loss(out, Targets(label), old_out, None, CTX1)
     torch.testing.assert_close(terms["loss"], ref["loss"])
