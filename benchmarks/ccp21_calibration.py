@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--sweep", nargs="*", default=[], help="methods that also get the gamma sweep")
     ap.add_argument("--probe", nargs="*", default=[], help="methods that also get the NCM probe")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--notes", help="Markdown file appended to the page (findings written by hand)")
     args = ap.parse_args()
     runs = Path(args.runs).expanduser()
     out = Path(args.out)
@@ -136,6 +137,8 @@ def main() -> int:
     if times:
         lines += ["", "Evaluation wall time (2 cores, shared with training runs): " +
                   ", ".join(f"{m} {t:.0f} s" for m, t in times.items())]
+    if args.notes:
+        lines += ["", Path(args.notes).read_text()]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
     return 0
