@@ -18,8 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from ciss.calibration import area_under  # noqa: E402
 
 
 def pct(v) -> str:
@@ -74,9 +78,14 @@ def main() -> int:
             have = [json.loads(l) for l in posthoc.read_text().splitlines()]
             last = {r["step"]: r for r in have}
         rows[m] = [last[t] for t in sorted(last)]
+        for r in rows[m]:  # the area from the stored curve, with the current definition
+            if "sweep" in r:
+                sw = r["sweep"]
+                arr = lambda v: np.array([np.nan if a is None else a for a in v], dtype=float)  # noqa: E731
+                sw["ausuc"] = area_under(arr(sw["miou_s"]), arr(sw["miou_u"]))
 
     lines = [f"# ccp21 {args.task} {args.setting}: post-hoc calibration and the NCM probe", "",
-             f"Runs of `benchmarks/ccp21_table.py` (cpu recipe), evaluated again at git `{sha[:10]}`. "
+             f"Runs of `benchmarks/ccp21_table.py` (cpu recipe) evaluated by `ciss eval` (rows of each run's `posthoc.jsonl`), tabulated at git `{sha[:10]}`; AUSUC is computed here from the stored curves. "
              "mIoU in %, old | new | all in the papers' layout (old = step-0 classes with background). "
              "gamma is added to the logits of the classes absent from the step's data (every class "
              "learned before the step, background excluded); ALG and PCV fit it on the step's own "
@@ -108,7 +117,7 @@ def main() -> int:
                   "step's classes), in %; best all = the best mIoU of all classes over the sweep "
                   "(an upper bound for any gamma).", "",
                   "| method | step | AUSUC | raw all | best all (gamma) |", "|---|---|---|---|---|"]
-        curves = []
+        curves, figures = [], []
         for m, rs in swept.items():
             for r in rs:
                 if "sweep" not in r:
@@ -119,9 +128,14 @@ def main() -> int:
                 lines.append(f"| {m} | {r['step']} | {pct(s['ausuc'])} | {pct(r['miou_all'])} | "
                              f"{pct(allv[k])} ({s['gamma'][k]:.3g}) |")
             curves.append((f"{m} step {rs[-1]['step']}", rs[-1]["sweep"]))
+            every = plot_tradeoff([(f"step {r['step']}", r["sweep"]) for r in rs if "sweep" in r],
+                                  fig_dir / f"{m}_sweep_all_steps.png",
+                                  title=f"{m}, ccp21 {args.task} {args.setting}: gamma sweep")
+            figures.append(f"![{m} sweep]({fig_dir.name}/{every.name})")
         png = plot_tradeoff(curves, fig_dir / "sweep_last_step.png",
                             title=f"ccp21 {args.task} {args.setting}: gamma sweep after the last step")
-        lines += ["", f"![sweep]({fig_dir.name}/{png.name})"]
+        for fig in figures + [f"![sweep]({fig_dir.name}/{png.name})"]:
+            lines += ["", fig]
 
     probed = {m: rs for m, rs in rows.items() if any("ncm" in r for r in rs)}
     if probed:

@@ -92,6 +92,9 @@ def test_tradeoff_curve_runs_from_axis_to_axis_and_area_is_the_trapezoid():
     # a square curve (1, 0) -> (1, 1) -> (0, 1) has area 1; a diagonal 0.5
     assert area_under(np.array([1.0, 1.0, 0.0]), np.array([0.0, 1.0, 1.0])) == pytest.approx(1.0)
     assert area_under(np.array([1.0, 0.5, 0.0]), np.array([0.0, 0.5, 1.0])) == pytest.approx(0.5)
+    # a curve that folds back: only its upper envelope counts
+    x, y = np.array([1.0, 0.9, 0.5, 0.0]), np.array([0.0, 0.8, 0.3, 0.3])
+    assert area_under(x, y) == pytest.approx(0.8 * 0.9 + 0.4 * 0.1)
 
 
 def test_pcv_pseudo_labels_background_with_confident_old_predictions_and_picks_the_best_gamma():

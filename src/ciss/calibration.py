@@ -144,18 +144,19 @@ def tradeoff_curve(sweep: GammaSweep) -> dict[str, Any]:
 
 
 def area_under(x: np.ndarray, y: np.ndarray) -> float:
-    """Area under the curve y(x) of sweep points, with NaNs dropped, sorted by x; the curve is closed
-    to the axes by its extreme points (as the paper's seen-unseen curve runs from axis to axis)."""
+    """Area under the upper envelope of sweep points (x, y), NaNs dropped: at each x, the best y
+    reached with at least that x (the sweep's curve folds back on itself, the envelope does not).
+    Closed to the axes like the paper's seen-unseen curve: from x = 0 at the best y to the largest x."""
     ok = ~(np.isnan(x) | np.isnan(y))
     x, y = x[ok], y[ok]
     if x.size == 0:
         return float("nan")
-    order = np.lexsort((-y, x))
-    x, y = x[order], y[order]
-    # Upper envelope in x order: for equal x keep the best y, then close at x=0 with the best y.
+    order = np.argsort(-x, kind="stable")
+    x, env = x[order], np.maximum.accumulate(y[order])  # decreasing x, best y so far
+    x, env = x[::-1], env[::-1]
     x = np.concatenate([[0.0], x])
-    y = np.concatenate([[y.max()], y])
-    return float(np.trapezoid(y, x))
+    env = np.concatenate([[env[0]], env])
+    return float(np.trapezoid(env, x))
 
 
 @dataclass
