@@ -7,7 +7,6 @@ keep their run directory beside it (`MODEL.run/`), so an interrupted command res
 from __future__ import annotations
 
 import datetime
-import subprocess
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,21 +17,13 @@ from ciss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ciss.engine import Experiment
 from ciss.methods import build_method
 from ciss.modelfile import ModelFile, load_model
+from ciss.results import git_sha
 
 # The best method without memory on the ccp21 15-1 overlapped benchmark (cpu recipe):
 # MiB, 17.11 mIoU over all classes after the last step (benchmarks/results/ccp21_15-1_methods*.md).
 DEFAULT_METHOD = "mib"
 # The smallest image side the backbones take: EfficientNet-Lite0 and ResNet downsample 32 times.
 MIN_SIDE = 32
-
-
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def run_dir_for(out: str | Path) -> Path:
@@ -92,7 +83,7 @@ def _model_file(exp: Experiment, lineage: list[dict]) -> ModelFile:
 def _entry(step: int, classes: list[str], data: Path, method: str) -> dict:
     return {"step": step, "classes": classes, "data": str(data.resolve()), "method": method,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git": _git_sha()}
+            "git": git_sha() or ""}
 
 
 def fit(data: str | Path, out: str | Path, method: str = DEFAULT_METHOD, recipe: Optional[str] = "cpu",
