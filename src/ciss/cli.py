@@ -72,6 +72,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from ciss.report import write_report
+
+    res = write_report(args.run_dirs, args.out)
+    print(f"{res['runs']} runs in {res['groups']} group(s): {res['markdown']}, {res['html']}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     what = args.what
     if what == "datasets":
@@ -163,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--step", type=int, help="checkpoint of this step (default: the last)")
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(fn=_predict)
+
+    rp = sub.add_parser("report", help="tables, figures and one HTML page from run directories")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", required=True, help="folder for report.md, report.html and the PNGs")
+    rp.set_defaults(fn=_report)
 
     ls = sub.add_parser("list", help="list datasets, tasks, methods or backbones")
     ls.add_argument("what", choices=["datasets", "tasks", "methods", "backbones"])

@@ -1,0 +1,207 @@
+"""Reports from run directories: the papers' tables, mIoU after every step, per-class forgetting, and
+one self-contained HTML page (figures inlined) that gathers them.
+
+Runs are grouped by dataset, task and setting; runs of one method in a group (seeds, class orders)
+become mean ± std.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ciss.results import RunDir
+
+
+@dataclass
+class RunRecord:
+    """What a report needs of one run directory."""
+
+    path: Path
+    method: str
+    group: str  # "dataset task setting"
+    steps: list[dict]  # evaluated results.jsonl rows, in step order
+    forgetting: list[Optional[float]] = field(default_factory=list)
+    wall_time_s: float = float("nan")
+    uses_memory: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} (uses old images)" if self.uses_memory else self.method
+
+
+def load_run(path: str | Path) -> RunRecord:
+    run = RunDir(path, create=False)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{path}: not a ciss run directory (no config.yaml)")
+    cfg = run.read_config()
+    rows = [r for _, r in sorted(run.step_results().items()) if "iou" in r]
+    if not rows:
+        raise FileNotFoundError(f"{path}: no evaluated step yet; train (or evaluate) first")
+    summary_path = run.path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    data = cfg.get("data") or {}
+    task = data.get("task")
+    task = task if isinstance(task, str) else f"custom {len(task)} steps"
+    return RunRecord(path=run.path, method=cfg["method"],
+                     group=f"{data.get('dataset')} {task} {data.get('setting')}", steps=rows,
+                     forgetting=list(summary.get("forgetting") or []),
+                     wall_time_s=float(summary.get("wall_time_s", float("nan"))),
+                     uses_memory=bool(summary.get("uses_memory", rows[-1].get("uses_memory", False))))
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=float) * 100
+    if v.size == 0:
+        return "-"
+    return f"{v.mean():.2f}" if v.size == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def groups(runs: Sequence[RunRecord]) -> dict[str, dict[str, list[RunRecord]]]:
+    out: dict[str, dict[str, list[RunRecord]]] = {}
+    for r in runs:
+        out.setdefault(r.group, {}).setdefault(r.label, []).append(r)
+    return out
+
+
+def markdown(runs: Sequence[RunRecord], figures: dict[str, list[str]]) -> str:
+    """Old | new | all after the last step per group (GSC Table I layout), then mIoU per step."""
+    lines = ["# ciss report", ""]
+    for group, by_method in groups(runs).items():
+        last = next(iter(by_method.values()))[0].steps[-1]
+        n_base, n_all = last["num_base"], len(last["iou"])
+        old_h = f"old (0-{n_base - 1})"
+        new_h = f"new ({n_base}-{n_all - 1})" if n_all > n_base else "new"
+        lines += [f"## {group}", "", f"| method | runs | {old_h} | {new_h} | all |", "|---|---:|---:|---:|---:|"]
+        for label, rs in by_method.items():
+            f = [r.steps[-1] for r in rs]
+            lines.append(f"| {label} | {len(rs)} | {_mean_std([x['miou_old'] for x in f])} | "
+                         f"{_mean_std([x['miou_new'] for x in f])} | {_mean_std([x['miou_all'] for x in f])} |")
+        n_steps = max(len(r.steps) for rs in by_method.values() for r in rs)
+        lines += ["", "mIoU of all seen classes after each step:", "",
+                  "| method | " + " | ".join(f"step {t}" for t in range(n_steps)) + " |",
+                  "|---|" + "---:|" * n_steps]
+        for label, rs in by_method.items():
+            cells = [_mean_std([r.steps[t]["miou_all"] for r in rs if t < len(r.steps)]) for t in range(n_steps)]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for fig in figures.get(group, []):
+            lines += ["", f"![{Path(fig).stem}]({fig})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def plot_steps(group: str, by_method: dict[str, list[RunRecord]], path: Path) -> Path:
+    """mIoU of all seen classes after every step, one line per method (GSC Fig. 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for label, rs in by_method.items():
+        n = max(len(r.steps) for r in rs)
+        mean = [np.nanmean([100 * r.steps[t]["miou_all"] for r in rs if t < len(r.steps)]) for t in range(n)]
+        ax.plot(range(n), mean, marker="o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mIoU, all seen classes (%)")
+    ax.set_title(group, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_forgetting(group: str, by_method: dict[str, list[RunRecord]], path: Path) -> Optional[Path]:
+    """Per-class forgetting (IoU after the class's own step minus after the last step; GSC Fig. 8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    have = {k: rs for k, rs in by_method.items() if any(r.forgetting for r in rs)}
+    if not have:
+        return None
+    names = max((r.steps[-1].get("class_names") or [] for rs in have.values() for r in rs), key=len)
+    n = max(len(r.forgetting) for rs in have.values() for r in rs)
+    names = list(names) + [str(i) for i in range(len(names), n)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * n), 4), dpi=110)
+    width = 0.8 / len(have)
+    for k, (label, rs) in enumerate(have.items()):
+        vals = [np.nanmean([100 * (r.forgetting[c] if c < len(r.forgetting) and r.forgetting[c] is not None
+                                   else np.nan) for r in rs]) for c in range(n)]
+        ax.bar(np.arange(n) + k * width, vals, width=width, label=label)
+    ax.set_xticks(np.arange(n) + 0.4 - width / 2)
+    ax.set_xticklabels(names[:n], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("forgetting (IoU points)")
+    ax.set_title(group, fontsize=9)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def to_html(md_text: str, out_dir: Path) -> str:
+    """A minimal Markdown (headings, tables, images, paragraphs) to one self-contained HTML page."""
+    body, table = [], []
+
+    def flush() -> None:
+        if table:
+            rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in table if not set(ln) <= set("|-: ")]
+            head, rest = rows[0], rows[1:]
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
+                        + "</table>")
+            table.clear()
+
+    for ln in md_text.splitlines():
+        if ln.startswith("|"):
+            table.append(ln)
+            continue
+        flush()
+        if ln.startswith("#"):
+            level = len(ln) - len(ln.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(ln.lstrip('#').strip())}</h{level}>")
+        elif ln.startswith("!["):
+            alt, src = ln[2:].split("](", 1)
+            data = base64.b64encode((out_dir / src.rstrip(")")).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif ln.strip():
+            body.append(f"<p>{html.escape(ln)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ciss report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """report.md, one steps and one forgetting PNG per group, and report.html (figures inlined)."""
+    runs = [load_run(p) for p in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, list[str]] = {}
+    for group, by_method in groups(runs).items():
+        made = [plot_steps(group, by_method, out / f"{_slug(group)}_steps.png"),
+                plot_forgetting(group, by_method, out / f"{_slug(group)}_forgetting.png")]
+        figures[group] = [p.name for p in made if p is not None]
+    text = markdown(runs, figures)
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(to_html(text, out))
+    return {"markdown": out / "report.md", "html": out / "report.html", "runs": len(runs),
+            "groups": len(figures)}

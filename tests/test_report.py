@@ -1,0 +1,52 @@
+"""Reports from run directories: tables with mean ± std, figures, one self-contained HTML page."""
+
+import json
+
+import pytest
+
+from ciss.cli import main
+from ciss.engine import train
+from ciss.report import load_run, to_html, write_report
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import tiny_config
+
+    tmp = tmp_path_factory.mktemp("report")
+    out = []
+    for method, seed in [("ft", 0), ("ft", 1), ("mib", 0)]:
+        cfg = tiny_config(tmp, f"method={method}", f"seed={seed}", f"name={method}-{seed}")
+        out.append(train(cfg).run_dir)
+    return out
+
+
+def test_report_tables_are_the_runs_figures_with_mean_and_std(runs, tmp_path):
+    res = write_report(runs, tmp_path / "rep")
+    text = res["markdown"].read_text()
+    rows = [json.loads(l) for l in (runs[0] / "results.jsonl").read_text().splitlines()]
+    rows1 = [json.loads(l) for l in (runs[1] / "results.jsonl").read_text().splitlines()]
+    mean = 100 * (rows[-1]["miou_all"] + rows1[-1]["miou_all"]) / 2
+    ft_line = next(l for l in text.splitlines() if l.startswith("| ft | 2 |"))
+    assert f"{mean:.2f} ±" in ft_line
+    mib = json.loads((runs[2] / "results.jsonl").read_text().splitlines()[-1])
+    assert f"| mib | 1 | {100 * mib['miou_old']:.2f} |" in text
+    assert "synthetic 4-2 overlapped" in text
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
+    assert pngs == ["synthetic_4_2_overlapped_forgetting.png", "synthetic_4_2_overlapped_steps.png"]
+    page = res["html"].read_text()
+    assert page.count("<table>") == 2 and page.count('src="data:image/png;base64,') == 2
+    assert "<th>method</th>" in page
+
+
+def test_report_command_and_bad_input(runs, tmp_path, capsys):
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "r")]) == 0
+    assert "3 runs in 1 group" in capsys.readouterr().out
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "x")]) != 0
+    assert "not a ciss run directory" in capsys.readouterr().err
+    assert load_run(runs[2]).method == "mib"
+
+
+def test_html_escapes_text_and_keeps_tables():
+    page = to_html("# A <b>\n| m | x |\n|---|---|\n| <i> | 1 |\n", out_dir=None)
+    assert "&lt;b&gt;" in page and "<td>&lt;i&gt;</td>" in page
