@@ -186,8 +186,11 @@ def to_html(md_text: str, out_dir: Path) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+    # Marks every figure that decoded (data-shown), so a headless browser's DOM dump can prove it.
+    check = ("<script>addEventListener('load',()=>{for(const i of document.images)"
+             "i.dataset.shown=String(i.complete&&i.naturalWidth>0)})</script>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ciss report</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+            f"<style>{style}</style>{check}</head><body>{''.join(body)}</body></html>")
 
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
