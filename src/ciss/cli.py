@@ -72,6 +72,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from ciss.bench import run_grid
+
+    print(f"rows: {run_grid(args.grid, out_dir=args.out_dir)}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from ciss.report import write_report
 
@@ -171,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--step", type=int, help="checkpoint of this step (default: the last)")
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(fn=_predict)
+
+    b = sub.add_parser("bench", help="run a grid of experiments (finished runs are skipped)")
+    b.add_argument("grid", help="grid YAML: recipe, out_dir, set, axes (see ciss.bench)")
+    b.add_argument("--out-dir", help="default: the grid's out_dir")
+    b.set_defaults(fn=_bench)
 
     rp = sub.add_parser("report", help="tables, figures and one HTML page from run directories")
     rp.add_argument("run_dirs", nargs="+")
