@@ -33,9 +33,10 @@ def test_report_tables_are_the_runs_figures_with_mean_and_std(runs, tmp_path):
     assert f"| mib | 1 | {100 * mib['miou_old']:.2f} |" in text
     assert "synthetic 4-2 overlapped" in text
     pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
-    assert pngs == ["synthetic_4_2_overlapped_forgetting.png", "synthetic_4_2_overlapped_steps.png"]
+    assert pngs == ["synthetic_4_2_overlapped_forgetting.png", "synthetic_4_2_overlapped_predictions.png",
+                    "synthetic_4_2_overlapped_steps.png"]
     page = res["html"].read_text()
-    assert page.count("<table>") == 2 and page.count('src="data:image/png;base64,') == 2
+    assert page.count("<table>") == 2 and page.count('src="data:image/png;base64,') == 3
     assert "<th>method</th>" in page
 
 

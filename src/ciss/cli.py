@@ -82,7 +82,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from ciss.report import write_report
 
-    res = write_report(args.run_dirs, args.out)
+    res = write_report(args.run_dirs, args.out, images=args.images)
     print(f"{res['runs']} runs in {res['groups']} group(s): {res['markdown']}, {res['html']}")
     return 0
 
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="tables, figures and one HTML page from run directories")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", required=True, help="folder for report.md, report.html and the PNGs")
+    rp.add_argument("--images", type=int, default=2,
+                    help="test images predicted after every step by each method (default 2; 0: none)")
     rp.set_defaults(fn=_report)
 
     ls = sub.add_parser("list", help="list datasets, tasks, methods or backbones")

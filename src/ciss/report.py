@@ -155,6 +155,64 @@ def plot_forgetting(group: str, by_method: dict[str, list[RunRecord]], path: Pat
     return path
 
 
+def plot_predictions(group: str, by_method: dict[str, list[RunRecord]], path: Path,
+                     num_images: int = 2) -> Optional[Path]:
+    """The same test images predicted after every step by each method, beside the ground truth,
+    with a colour legend of class names (GSC Fig. 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from ciss.config import from_dict
+    from ciss.data import build_dataset
+    from ciss.predict import Predictor, palette
+
+    first = next(iter(by_method.values()))[0]
+    d = from_dict(RunDir(first.path, create=False).read_config()).data
+    if d.test_split in (None, "none"):
+        return None
+    test = build_dataset(d.dataset, split=d.test_split, root=d.test_root or d.root, **d.options)
+    picks = list(range(min(num_images, len(test))))
+    rows = [(label, rs[0]) for label, rs in by_method.items()]
+    n_steps = max(len(r.steps) for _, r in rows)
+    pal = palette() / 255.0
+    fig, axes = plt.subplots(len(picks) * len(rows), n_steps + 2, squeeze=False,
+                             figsize=(1.6 * (n_steps + 2), 1.4 * len(picks) * len(rows)), dpi=100)
+    seen: set[int] = set()
+    names: list[str] = []
+    for k, i in enumerate(picks):
+        image, truth = test[i]
+        for j, (label, run) in enumerate(rows):
+            ax_row = axes[k * len(rows) + j]
+            ax_row[0].imshow(image)
+            ax_row[0].set_ylabel(label, fontsize=6)
+            gt = truth.copy()
+            ax_row[1].imshow(pal[gt])
+            seen.update(int(c) for c in np.unique(gt) if c != 255)
+            for t in range(n_steps):
+                if t >= len(run.steps):
+                    continue
+                pred = Predictor(run.path, step=run.steps[t]["step"])
+                names = max(names, pred.class_names, key=len)
+                lab = pred.predict(image)
+                seen.update(int(c) for c in np.unique(lab))
+                ax_row[t + 2].imshow(pal[lab])
+            for ax in ax_row:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    for t, title in enumerate(["image", "ground truth"] + [f"step {t}" for t in range(n_steps)]):
+        axes[0][t].set_title(title, fontsize=7)
+    handles = [Patch(color=pal[c], label=names[c] if c < len(names) else str(c)) for c in sorted(seen)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=6)
+    fig.suptitle(group, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def to_html(md_text: str, out_dir: Path) -> str:
     """A minimal Markdown (headings, tables, images, paragraphs) to one self-contained HTML page."""
     body, table = [], []
@@ -193,8 +251,9 @@ def to_html(md_text: str, out_dir: Path) -> str:
             f"<style>{style}</style>{check}</head><body>{''.join(body)}</body></html>")
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """report.md, one steps and one forgetting PNG per group, and report.html (figures inlined)."""
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: int = 2) -> dict[str, Any]:
+    """report.md, per group PNGs of mIoU per step, forgetting and predictions of `images` test
+    images (0: none), and report.html (figures inlined)."""
     runs = [load_run(p) for p in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +261,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[st
     for group, by_method in groups(runs).items():
         made = [plot_steps(group, by_method, out / f"{_slug(group)}_steps.png"),
                 plot_forgetting(group, by_method, out / f"{_slug(group)}_forgetting.png")]
+        if images > 0:
+            made.append(plot_predictions(group, by_method, out / f"{_slug(group)}_predictions.png", images))
         figures[group] = [p.name for p in made if p is not None]
     text = markdown(runs, figures)
     (out / "report.md").write_text(text)
