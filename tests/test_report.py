@@ -51,3 +51,12 @@ def test_report_command_and_bad_input(runs, tmp_path, capsys):
 def test_html_escapes_text_and_keeps_tables():
     page = to_html("# A <b>\n| m | x |\n|---|---|\n| <i> | 1 |\n", out_dir=None)
     assert "&lt;b&gt;" in page and "<td>&lt;i&gt;</td>" in page
+
+
+def test_report_draws_the_calibration_sweep_of_evaluated_runs(runs, tmp_path):
+    from ciss.evaluation import evaluate_run
+
+    evaluate_run(runs[2], calibration="sweep")
+    write_report([runs[2]], tmp_path / "rep", images=0)
+    assert (tmp_path / "rep" / "synthetic_4_2_overlapped_calibration.png").stat().st_size > 1000
+    assert "calibration.png" in (tmp_path / "rep" / "report.md").read_text()

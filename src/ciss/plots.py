@@ -6,10 +6,14 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
+from ciss.calibration import area_under
+
 
 def plot_tradeoff(curves: Sequence[tuple[str, dict[str, Any]]], path: str | Path, title: str = "") -> Path:
     """mIoU of the absent classes against mIoU of background + the step's classes, one line per
-    curve, with its AUSUC in the legend (calibration.tradeoff_curve output)."""
+    curve, with its AUSUC (computed from the points) in the legend (calibration.tradeoff_curve output)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +23,8 @@ def plot_tradeoff(curves: Sequence[tuple[str, dict[str, Any]]], path: str | Path
     for label, c in curves:
         pts = [(s, u) for s, u in zip(c["miou_s"], c["miou_u"])
                if s is not None and u is not None and not (math.isnan(s) or math.isnan(u))]
-        ax.plot([100 * s for s, _ in pts], [100 * u for _, u in pts], label=f"{label} (AUSUC {100 * c['ausuc']:.1f})")
+        area = area_under(np.array([s for s, _ in pts]), np.array([u for _, u in pts]))
+        ax.plot([100 * s for s, _ in pts], [100 * u for _, u in pts], label=f"{label} (AUSUC {100 * area:.1f})")
         at0 = c["gamma"].index(min(c["gamma"], key=abs))  # the uncalibrated point
         ax.scatter([100 * c["miou_s"][at0]], [100 * c["miou_u"][at0]], marker="o", s=18)
     ax.set_xlabel("mIoU, background + the step's classes (%)")

@@ -213,6 +213,24 @@ def plot_predictions(group: str, by_method: dict[str, list[RunRecord]], path: Pa
     return path
 
 
+def plot_sweeps(group: str, by_method: dict[str, list[RunRecord]], path: Path) -> Optional[Path]:
+    """Calibration trade-off curves after the last step of the runs evaluated with
+    `ciss eval --calibration sweep` (their posthoc.jsonl)."""
+    from ciss.plots import plot_tradeoff
+
+    curves = []
+    for label, rs in by_method.items():
+        posthoc = rs[0].path / "posthoc.jsonl"
+        if not posthoc.is_file():
+            continue
+        rows = [json.loads(line) for line in posthoc.read_text().splitlines()]
+        swept = [r for r in rows if "sweep" in r]
+        if swept:
+            last = max(swept, key=lambda r: r["step"])
+            curves.append((f"{label} step {last['step']}", last["sweep"]))
+    return plot_tradeoff(curves, path, title=f"{group}: calibration trade-off") if curves else None
+
+
 def to_html(md_text: str, out_dir: Path) -> str:
     """A minimal Markdown (headings, tables, images, paragraphs) to one self-contained HTML page."""
     body, table = [], []
@@ -263,6 +281,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: in
                 plot_forgetting(group, by_method, out / f"{_slug(group)}_forgetting.png")]
         if images > 0:
             made.append(plot_predictions(group, by_method, out / f"{_slug(group)}_predictions.png", images))
+        made.append(plot_sweeps(group, by_method, out / f"{_slug(group)}_calibration.png"))
         figures[group] = [p.name for p in made if p is not None]
     text = markdown(runs, figures)
     (out / "report.md").write_text(text)
