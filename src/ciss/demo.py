@@ -23,6 +23,9 @@ DEMO_SETTINGS = [
     "optim.epochs=10",
     "optim.epochs_next=4",
 ]
+# Per-method settings the demo's step size needs. EWC's Nesterov SGD on the normalised Fisher diverges
+# once lr_next > 0.68 / reg_importance (ciss.methods.ewc); the tiny recipe's lr_next 0.01 needs < 68.
+DEMO_METHOD_ARGS = {"ewc": ["method_args={reg_importance: 50}"]}
 
 
 def run_demo(out_dir: str | Path = "runs/demo", methods: Optional[Sequence[str]] = None,
@@ -33,8 +36,8 @@ def run_demo(out_dir: str | Path = "runs/demo", methods: Optional[Sequence[str]]
     results = {}
     t0 = time.time()
     for name in methods:
-        cfg = load_config(None, [*DEMO_SETTINGS, f"method={name}", f"out_dir={out}",
-                                 f"cache_dir={out / 'cache'}", *extra], recipe="tiny")
+        cfg = load_config(None, [*DEMO_SETTINGS, f"method={name}", *DEMO_METHOD_ARGS.get(name, []),
+                                 f"out_dir={out}", f"cache_dir={out / 'cache'}", *extra], recipe="tiny")
         print(f"\n== {name} ==")
         results[name] = train(cfg)
     print(f"\nAfter the last step (mIoU %, synthetic {DEMO_SETTINGS[1].split('=')[1]} overlapped):")
