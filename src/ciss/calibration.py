@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import numpy as np
 import torch
@@ -161,14 +161,39 @@ def area_under(x: np.ndarray, y: np.ndarray) -> float:
 
 @dataclass
 class Calibrator:
-    """A gamma for the absent classes, fitted after a step; 0 until fitted."""
+    """A gamma for the absent classes, fitted after a step; 0 until fitted.
+
+    Fitting streams over the step's batches (`start`, `update` per batch, `finish`), so several
+    calibrators share one pass of the models; `fit` runs that loop for one calibrator.
+    """
 
     name = "calibrator"
+    needs_old: ClassVar[bool] = False  # update() wants the previous step's decision logits
     gamma: float = 0.0
+
+    def start(self, ctx: StepContext) -> bool:
+        """Begin fitting after the step of `ctx`; False (gamma 0) when nothing is absent or new."""
+        self._ctx = ctx
+        self.gamma = 0.0
+        return ctx.num_old >= 2 and ctx.num_new > 0
+
+    def update(self, logits: torch.Tensor, label: torch.Tensor,
+               old_logits: Optional[torch.Tensor] = None) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> float:
+        raise NotImplementedError
 
     def fit(self, batches: Iterable[Batch], logit_fn: LogitFn, ctx: StepContext,
             old_logit_fn: Optional[LogitFn] = None) -> float:
-        raise NotImplementedError
+        if not self.start(ctx):
+            return self.gamma
+        if self.needs_old and old_logit_fn is None:
+            raise ValueError(f"{self.name} needs the model before the step to pseudo-label the absent classes")
+        for batch in batches:
+            old = old_logit_fn(batch.image) if self.needs_old and old_logit_fn is not None else None
+            self.update(logit_fn(batch.image), batch.label, old)
+        return self.finish()
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return apply_gamma(logits, self.gamma, ctx.num_old)
@@ -203,40 +228,43 @@ def alg_sums(logits: torch.Tensor, label: torch.Tensor, num_old: int) -> tuple[f
 class ALG(Calibrator):
     name = "alg"
 
-    def fit(self, batches, logit_fn, ctx, old_logit_fn=None):  # type: ignore[override]
-        if ctx.num_old < 2 or ctx.num_new == 0:
-            self.gamma = 0.0
-            return self.gamma
-        total, n = 0.0, 0
-        for batch in batches:
-            t, k = alg_sums(logit_fn(batch.image).cpu(), batch.label.cpu(), ctx.num_old)
-            total, n = total + t, n + k
-        self.gamma = total / n if n else 0.0
+    def start(self, ctx: StepContext) -> bool:
+        self._total, self._n = 0.0, 0
+        return super().start(ctx)
+
+    def update(self, logits, label, old_logits=None):  # type: ignore[override]
+        t, k = alg_sums(logits.cpu(), label.cpu(), self._ctx.num_old)
+        self._total, self._n = self._total + t, self._n + k
+
+    def finish(self) -> float:
+        self.gamma = self._total / self._n if self._n else 0.0
         return self.gamma
 
 
 @dataclass
 class PCV(Calibrator):
     name = "pcv"
+    needs_old = True
     # SSUL's pseudo-label confidence (0.7): an old-model prediction trusted as a pseudo label.
     threshold: float = 0.7
 
-    def fit(self, batches, logit_fn, ctx, old_logit_fn=None):  # type: ignore[override]
-        if ctx.num_old < 2 or ctx.num_new == 0:
-            self.gamma = 0.0
-            return self.gamma
-        if old_logit_fn is None:
-            raise ValueError("pcv needs the model before the step to pseudo-label the absent classes")
-        sweep = GammaSweep(ctx.num_seen, ctx.num_old)
-        for batch in batches:
-            label = batch.label.clone()
-            old_p = F.softmax(old_logit_fn(batch.image).float(), dim=1)  # (B, num_old, H, W)
-            conf, pred = old_p.max(1)
-            pseudo = (label == BACKGROUND) & (pred >= 1) & (conf >= self.threshold)
-            label[pseudo] = pred[pseudo]
-            sweep.update(logit_fn(batch.image), label)
-        scores = [_nanmean(iou_of(m)) for m in sweep.matrices()]
-        gammas = sweep.gammas()
+    def start(self, ctx: StepContext) -> bool:
+        self._sweep = GammaSweep(ctx.num_seen, ctx.num_old) if ctx.num_old >= 2 else None
+        return super().start(ctx)
+
+    def update(self, logits, label, old_logits=None):  # type: ignore[override]
+        assert self._sweep is not None and old_logits is not None
+        label = label.clone()
+        old_p = F.softmax(old_logits.float(), dim=1)  # (B, num_old, H, W)
+        conf, pred = old_p.max(1)
+        pseudo = (label == BACKGROUND) & (pred >= 1) & (conf >= self.threshold)
+        label[pseudo] = pred[pseudo]
+        self._sweep.update(logits, label)
+
+    def finish(self) -> float:
+        assert self._sweep is not None
+        scores = [_nanmean(iou_of(m)) for m in self._sweep.matrices()]
+        gammas = self._sweep.gammas()
         best = max(scores[1:-1])  # finite gammas only
         # Among equally good gammas the one closest to 0 (the least change).
         self.gamma = min((g for g, s in zip(gammas[1:-1], scores[1:-1]) if s == best), key=abs)

@@ -443,19 +443,43 @@ class Experiment:
     @torch.no_grad()
     def fit_calibrators(self, model: nn.Module, old_model: nn.Module, step: int,
                         names: list[str]) -> dict[str, Calibrator]:
-        """Fit the named calibrators after `step` on the step's own training images (no old image)."""
+        """Fit the named calibrators after `step` on the step's own training images (no old image),
+        in one pass of the model (and of the old model when one of them needs it)."""
         model.eval()
         old_model.eval()
         ctx = self.context(step, 0, 0)
         new_fn = self.decision_logits(model, ctx)
         old_fn = self.decision_logits(old_model, self.context(step - 1, 0, 0))
-        out = {}
-        for name in names:
-            cal = build_calibrator(name)
-            cal.fit(self._bar(self.step_images(step, train=True), f"fit {name} step {step}"),
-                    new_fn, ctx, old_fn)
-            out[name] = cal
-        return out
+        cals = {name: build_calibrator(name) for name in names}
+        active = [c for c in cals.values() if c.start(ctx)]
+        if active:
+            need_old = any(c.needs_old for c in active)
+            for batch in self._bar(self.step_images(step, train=True), f"fit {', '.join(names)} step {step}"):
+                logits = new_fn(batch.image)
+                old = old_fn(batch.image) if need_old else None
+                for c in active:
+                    c.update(logits, batch.label, old)
+            for c in active:
+                c.finish()
+        return cals
+
+    def step_calibrators(self, model: nn.Module, step: int, names: list[str],
+                         state: dict[str, Any]) -> tuple[dict[str, Calibrator], bool]:
+        """The named calibrators of `step` from its checkpoint `state`, fitting (and adding to
+        `state`) those it lacks. Returns them and whether `state` changed."""
+        names = [n for n in names if n in CALIBRATORS]
+        if step == 0 or not names:
+            return {}, False
+        saved = dict(state.get("calibration", {}))
+        missing = [n for n in names if n not in saved]
+        if missing:
+            fitted = self.fit_calibrators(unwrap(model), self.load_step_model(step - 1), step, missing)
+            saved.update({n: c.state_dict() for n, c in fitted.items()})
+            state["calibration"] = saved
+        cals = {n: build_calibrator(n) for n in names}
+        for n, c in cals.items():
+            c.load_state_dict(saved[n])
+        return cals, bool(missing)
 
     @torch.no_grad()
     def step_prototypes(self, model: nn.Module, step: int) -> dict[int, torch.Tensor]:
@@ -524,20 +548,12 @@ class Experiment:
 
     def calibrate_step(self, model: nn.Module, step: int) -> dict[str, Calibrator]:
         """Fit the run's calibrators after `step` (none at step 0) and store them in its checkpoint."""
-        names = [n for n in self.calibration if n in CALIBRATORS]
-        if step == 0 or not names:
+        if step == 0 or not any(n in CALIBRATORS for n in self.calibration):
             return {}
         path = self.run.step_ckpt(step)
         state = load_checkpoint(path)
-        saved = state.get("calibration", {})
-        if all(n in saved for n in names):  # fitted before an interruption
-            cals = {n: build_calibrator(n) for n in names}
-            for n, c in cals.items():
-                c.load_state_dict(saved[n])
-            return cals
-        cals = self.fit_calibrators(unwrap(model), self.load_step_model(step - 1), step, names)
-        if self.dist.main:
-            state["calibration"] = {**saved, **{n: c.state_dict() for n, c in cals.items()}}
+        cals, changed = self.step_calibrators(model, step, self.calibration, state)
+        if changed and self.dist.main:
             save_checkpoint(path, state)
         return cals
 

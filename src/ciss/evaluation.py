@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ciss.calibration import CALIBRATORS, build_calibrator, parse_calibration
+from ciss.calibration import parse_calibration
 from ciss.config import from_dict
 from ciss.engine import Experiment
 from ciss.metrics import format_table
@@ -39,26 +39,14 @@ def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = 
     if probe and steps != list(range(len(steps))):
         raise FileNotFoundError(f"{run.path}: the probe needs every step's checkpoint from 0; have {steps}")
     title = f"{cfg.method} on {cfg.data.dataset} {cfg.data.task} {cfg.data.setting}"
-    if not names and probe is None:
-        rows = []
-        model = None
-        for t in ([step] if step is not None else steps):
-            state = load_checkpoint(run.step_ckpt(t))
-            if model is None:
-                model = exp.build_model(tuple(state["model_config"]["classes_per_step"][:1]))
-            exp.load_into(model, state)
-            model.to(exp.device)
-            rows.append(exp.evaluate(model, t))
-        return format_table(rows, title)
-
     lines: list[str] = []
     last = None
     prototypes: dict[int, Any] = {}
     curves = []
     model = None
     for t in steps:
-        if step is not None and t > step:
-            break
+        if step is not None and (t > step or t < step and not probe):  # the probe needs earlier steps
+            continue
         path = run.step_ckpt(t)
         state = load_checkpoint(path)
         if model is None:
@@ -77,26 +65,16 @@ def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = 
             if changed:
                 save_checkpoint(path, state)
             continue
-        cals = {}
-        wanted = [n for n in names if n in CALIBRATORS]
-        if t > 0 and wanted:
-            saved = state.get("calibration", {})
-            missing = [n for n in wanted if n not in saved]
-            if missing:
-                fitted = exp.fit_calibrators(model, exp.load_step_model(t - 1), t, missing)
-                saved = {**saved, **{n: c.state_dict() for n, c in fitted.items()}}
-                state["calibration"] = saved
-                changed = True
-            for n in wanted:
-                cals[n] = build_calibrator(n)
-                cals[n].load_state_dict(saved[n])
+        cals, fitted = exp.step_calibrators(model, t, names, state)
+        changed = changed or fitted
         if changed:
             save_checkpoint(path, state)
         res = exp.evaluate_full(model, t, cals, sweep="sweep" in names,
                                 prototypes=dict(prototypes) if probe else None)
         lines.extend(res.lines())
         last = res.raw
-        run.append_jsonl("posthoc.jsonl", {"method": cfg.method, **res.as_dict()})
+        if names or probe:
+            run.append_jsonl("posthoc.jsonl", {"method": cfg.method, **res.as_dict()})
         if res.sweep is not None:
             curves.append((f"step {t}", res.sweep))
     if last is not None:  # the header names the last step's class ranges
