@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 from ciss.config import RunConfig, load_config
 from ciss.data.errors import DataError
 from ciss.data.folder import FolderDataset
-from ciss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ciss.engine import Experiment
 from ciss.methods import build_method
 from ciss.modelfile import ModelFile, load_model
@@ -32,11 +31,11 @@ def run_dir_for(out: str | Path) -> Path:
 
 
 def check_folder(root: str | Path, split: str = "train") -> FolderDataset:
-    """Open a folder dataset and check what training needs, before anything is written."""
+    """Open a folder dataset and check what training needs, before anything is written (label values
+    are checked by the scenario's class-presence pass, which runs before the run directory exists)."""
     ds = FolderDataset(root, split)
     if len(ds) == 0:
         raise DataError(f"{ds.split_file} lists no image; add the ids of the training images")
-    ds.validate(full=True)  # every label value is in classes.txt
     from ciss.data.base import header_size
 
     for i in range(len(ds)):
@@ -97,7 +96,7 @@ def fit(data: str | Path, out: str | Path, method: str = DEFAULT_METHOD, recipe:
     ds = check_folder(data)
     if val is not None:
         v = Path(val)
-        FolderDataset(v, _val_split(v), classes=list(ds.classes)).validate(full=True)
+        FolderDataset(v, _val_split(v), classes=list(ds.classes))  # names and headers
     build_method(method)  # an unknown method fails before anything is written
     cfg = _config(data, out, method, recipe, overrides, None if val is None else Path(val))
     cfg.data.options = {"classes": list(ds.classes)}  # the val folder's labels are matched by name
@@ -129,7 +128,7 @@ def extend(model: str | Path, data: str | Path, out: str | Path, method: str = D
     union = list(parent.classes) + new
     if val is not None:
         v = Path(val)
-        FolderDataset(v, _val_split(v), classes=union).validate(full=True)
+        FolderDataset(v, _val_split(v), classes=union)  # names and headers
     m = build_method(method)
     if m.offline:
         raise ValueError(f"method '{method}' trains on every class at once and cannot extend a model")
