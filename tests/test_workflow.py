@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from ciss.cli import main
-from ciss.data import DataError
 from ciss.data.synthetic import SyntheticDataset
 from ciss.modelfile import load_model
 from ciss.workflow import extend, fit, run_dir_for
