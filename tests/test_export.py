@@ -71,3 +71,28 @@ def test_onnx_names_and_metadata(exported):
 def test_refuses_an_opset_the_exporter_cannot_write(tmp_path):
     with pytest.raises(ValueError, match="opset >= 18"):
         export_onnx(tmp_path / "unused.ciss", tmp_path / "m.onnx", opset=17)
+
+
+def test_a_model_with_parallel_branches_exports_folded(tmp_path):
+    """RCIL's two-branch convs leave the graph as single convs, with the same logits."""
+    import onnx
+
+    torch.manual_seed(0)
+    net = build_segmenter("tiny", classes_per_step=(3, 2), head_channels=16, parallel_branches=True)
+    net.train()
+    net(torch.randn(4, 3, 32, 32))  # branch statistics differ from their twins'
+    plain = build_segmenter("tiny", classes_per_step=(3, 2), head_channels=16)
+    mf = ModelFile(classes=["background", "a", "b", "c", "d"], model_config=net.config(),
+                   weights=net.state_dict(), method="rcil", method_args={}, resize=None, crop_size=32)
+    path = export_onnx(mf, tmp_path / "model.onnx")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = mf.decision_logits(mf.build()(x)).numpy()
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"image": x.numpy()})[0]
+    assert np.abs(out - ref).max() < 1e-4
+    graph = onnx.load(str(path)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in plain.modules())
+    weights = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    assert weights < sum(p.numel() for p in net.parameters())

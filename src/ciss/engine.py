@@ -262,7 +262,8 @@ class Experiment:
         return build_segmenter(backbone=m.backbone, pretrained=m.pretrained,
                                output_stride=m.output_stride, head_channels=m.head_channels,
                                classes_per_step=classes_per_step,
-                               num_extra=self.method.num_extra_outputs())
+                               num_extra=self.method.num_extra_outputs(),
+                               **self.method.architecture())
 
     def base_cache_path(self) -> Path:
         """Step-0 checkpoints are shared by every run with the same base-step configuration."""
@@ -283,6 +284,8 @@ class Experiment:
             "extra_outputs": self.method.num_extra_outputs(),
             "world": self.dist.world,
         }
+        if self.method.architecture():  # only when set, so plain models keep their cached bases
+            key["architecture"] = self.method.architecture()
         return cache_root(c) / "base" / f"{stable_hash(key)}.pt"
 
     def loader(self, dataset: Dataset, batch_size: int, train: bool,
@@ -572,6 +575,11 @@ class Experiment:
             raise ValueError(f"{self.cfg.init_from} was trained with {extra} extra output(s) and method "
                              f"'{self.method.name}' needs {self.method.num_extra_outputs()}: continue it "
                              f"with a method of the same family as '{mf.method}'")
+        parallel = bool(mf.model_config.get("parallel_branches", False))
+        if parallel != bool(self.method.architecture().get("parallel_branches", False)):
+            raise ValueError(f"{self.cfg.init_from} was trained {'with' if parallel else 'without'} "
+                             f"parallel branches and method '{self.method.name}' needs the opposite: "
+                             f"continue it with a method of the same family as '{mf.method}'")
         path = self.run.step_ckpt(len(have) - 1)
         if not path.is_file() and self.dist.main:
             save_checkpoint(path, {"format": "ciss-checkpoint-v1", "step": len(have) - 1,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ciss.modelfile import ModelFile, load_model
+from ciss.models import fold_parallel_branches
 from ciss.results import atomic_write_bytes
 
 
@@ -22,7 +23,8 @@ class _Decision(nn.Module):
     def __init__(self, mf: ModelFile) -> None:
         super().__init__()
         self.mf = mf
-        self.model = mf.build()
+        # Parallel branches (RCIL) fold into single convs: the graph has the plain network's size.
+        self.model = fold_parallel_branches(mf.build().eval())
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.mf.decision_logits(self.model(image))

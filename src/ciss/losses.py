@@ -122,6 +122,38 @@ def local_pod_distance(old: torch.Tensor, new: torch.Tensor,
     return torch.linalg.vector_norm(a - b, dim=-1).mean()
 
 
+# ---- RCIL ---------------------------------------------------------------------------------------
+
+def pooled_cube_spatial(old: torch.Tensor, new: torch.Tensor,
+                        windows: Sequence[int] = (4, 8, 12, 16, 20, 24)) -> torch.Tensor:
+    """RCIL's spatial pooled-cube distillation: squared activations average-pooled with each k x k window
+    (stride 1, zero padding k // 2, padded zeros counted); per window, the L2 distance over the whole
+    pooled map, averaged over images; then the mean over windows.
+
+    old, new (B, C, H, W). Scalar.
+    """
+    a, b = old.pow(2), new.pow(2)
+    total = new.new_zeros(())
+    for k in windows:
+        pa = F.avg_pool2d(a, k, stride=1, padding=k // 2)  # (B, C, H', W')
+        pb = F.avg_pool2d(b, k, stride=1, padding=k // 2)
+        total = total + torch.linalg.vector_norm((pa - pb).flatten(1), dim=-1).mean()
+    return total / len(windows)
+
+
+def pooled_cube_channel(old: torch.Tensor, new: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """RCIL's channel pooled-cube distillation: squared activations averaged over ``window`` neighbouring
+    channels (stride 1, zero padding, padded zeros counted); L2 distance over the pooled map, averaged
+    over images.
+
+    old, new (B, C, H, W). Scalar.
+    """
+    def pool(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H, C, W), pooled along C
+        return F.avg_pool2d(x.pow(2).transpose(1, 2), (window, 1), stride=1, padding=(window // 2, 0))
+
+    return torch.linalg.vector_norm((pool(old) - pool(new)).flatten(1), dim=-1).mean()
+
+
 # ---- GSC ----------------------------------------------------------------------------------------
 
 def soft_relation_distillation(logits: torch.Tensor, old_logits: torch.Tensor,

@@ -15,6 +15,7 @@ from ciss.methods.lwf_mc import LwFMC
 from ciss.methods.mib import MiB
 from ciss.methods.nest import NeST, NeSTMiB, NeSTPLOP
 from ciss.methods.plop import PLOP
+from ciss.methods.rcil import RCIL, GSCRCIL
 from ciss.methods.sdr import SDR
 from ciss.methods.ssul import SSUL, SSULM
 
@@ -29,6 +30,8 @@ METHODS: dict[str, type[Method]] = {
     "sdr": SDR,
     "plop": PLOP,
     "gsc": GSC,
+    "rcil": RCIL,
+    "gsc_rcil": GSCRCIL,
     "nest": NeST,
     "nest_mib": NeSTMiB,
     "nest_plop": NeSTPLOP,

@@ -49,6 +49,10 @@ class Method:
         """Outputs appended after the real classes (e.g. an 'unknown' logit)."""
         return 0
 
+    def architecture(self) -> dict[str, Any]:
+        """Options of `build_segmenter` the method's model needs (e.g. parallel branches)."""
+        return {}
+
     # ---- data -----------------------------------------------------------------------------
     def train_data(self, data: Dataset, scenario: Any, step: int, transform: Callable,
                    batch_size: int, seed: int) -> tuple[Dataset, Optional[Sampler]]:
@@ -155,6 +159,9 @@ class Wrapper(Method):
 
     def num_extra_outputs(self) -> int:
         return self.base.num_extra_outputs()
+
+    def architecture(self) -> dict[str, Any]:
+        return self.base.architecture()
 
     def train_data(self, data, scenario, step, transform, batch_size, seed):  # type: ignore[override]
         return self.base.train_data(data, scenario, step, transform, batch_size, seed)

@@ -3,6 +3,7 @@
 from .backbones import Backbone, build_backbone, check_state_dict, list_backbones, load_weights
 from .classifier import IncrementalClassifier
 from .deeplab import ASPPHead
+from .parallel import ParallelConvBN, add_parallel_branches, fold_parallel_branches, merge_parallel_branches
 from .efficientnet_lite import EfficientNetLite0, EfficientNetLite0Classifier
 from .resnet import ResNet
 from .segmenter import Segmenter, build_segmenter, set_bn_eval
@@ -14,13 +15,17 @@ __all__ = [
     "EfficientNetLite0",
     "EfficientNetLite0Classifier",
     "IncrementalClassifier",
+    "ParallelConvBN",
     "ResNet",
     "Segmenter",
     "TinyBackbone",
+    "add_parallel_branches",
     "build_backbone",
     "build_segmenter",
     "check_state_dict",
+    "fold_parallel_branches",
     "list_backbones",
     "load_weights",
+    "merge_parallel_branches",
     "set_bn_eval",
 ]

@@ -80,6 +80,10 @@ class ASPPHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def branch_points(self) -> list[tuple[nn.Module, str, str]]:
+        """The conv-BN of each ASPP conv branch (RCIL's map_convs / map_bn), not pooling or projections."""
+        return [(branch, "0", "1") for branch in self.branches]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, h, w) -> (B, channels, h, w)
         pyramid = [branch(x) for branch in self.branches] + [self.pooling(x)]
         y = self.project(torch.cat(pyramid, dim=1))  # (B, channels, h, w)

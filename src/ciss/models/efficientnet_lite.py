@@ -195,6 +195,11 @@ class EfficientNetLite0(nn.Module):
             stages[-1] = self.head(stages[-1])
         return stages
 
+    def branch_points(self) -> list[tuple[nn.Module, str, str]]:
+        """The depthwise kxk conv-BN of every block: the blocks' only spatial conv, as the 3x3 is in the
+        ResNet bottleneck where RCIL puts its parallel branch."""
+        return [(b.depthwise, "conv", "bn") for b in self.blocks]
+
     def adapt_state_dict(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accept the package's file (``_blocks.3._bn1.weight`` ...) as well as our own key names."""
         if not any(k.startswith("_") for k in state):

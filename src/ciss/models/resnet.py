@@ -127,6 +127,10 @@ class ResNet(nn.Module):
         c4 = self.layer4(c3)
         return [c1, c2, c3, c4]
 
+    def branch_points(self) -> list[tuple[nn.Module, str, str]]:
+        """The 3x3 conv-BN of every bottleneck (where RCIL puts its parallel branch)."""
+        return [(m, "conv2", "bn2") for m in self.modules() if isinstance(m, Bottleneck)]
+
     def adapt_state_dict(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Drop torchvision's ImageNet classifier (``fc.weight``, ``fc.bias``); everything else must match."""
         return {k: v for k, v in state.items() if k not in ("fc.weight", "fc.bias")}

@@ -14,6 +14,7 @@ from ..types import SegOutput
 from .backbones import build_backbone
 from .classifier import IncrementalClassifier
 from .deeplab import ASPPHead
+from .parallel import add_parallel_branches, parallel_modules
 
 
 class Segmenter(nn.Module):
@@ -74,13 +75,16 @@ class Segmenter(nn.Module):
                 "config() describes segmenters made by build_segmenter (a registered backbone and an "
                 "ASPPHead); save the architecture of a hand-assembled one yourself"
             )
-        return {
+        config: dict[str, Any] = {
             "backbone": name,
             "output_stride": self.output_stride,
             "head_channels": self.head.out_channels,
             "classes_per_step": list(self.classes_per_step),
             "num_extra": self.num_extra,
         }
+        if parallel_modules(self):  # only when present, so plain models keep their config
+            config["parallel_branches"] = True
+        return config
 
 
 def build_segmenter(
@@ -90,13 +94,18 @@ def build_segmenter(
     head_channels: int = 256,
     classes_per_step: Sequence[int] = (21,),
     num_extra: int = 0,
+    parallel_branches: bool = False,
 ) -> Segmenter:
     """DeepLabV3 on a registered backbone (``list_backbones()``); ``pretrained`` is passed to
-    ``build_backbone`` (only the backbone is ever pretrained)."""
+    ``build_backbone`` (only the backbone is ever pretrained). ``parallel_branches`` doubles the
+    spatial conv-BN pairs of backbone and head (``ciss.models.parallel``; RCIL's architecture)."""
     body = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
     head = ASPPHead(body.out_channels[-1], channels=head_channels, output_stride=output_stride)
     classifier = IncrementalClassifier(head_channels, classes_per_step, num_extra=num_extra)
-    return Segmenter(body, head, classifier)
+    model = Segmenter(body, head, classifier)
+    if parallel_branches:
+        add_parallel_branches(model)
+    return model
 
 
 def set_bn_eval(module: nn.Module, freeze_affine: bool = False) -> int:

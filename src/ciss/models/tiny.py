@@ -49,6 +49,10 @@ class TinyBackbone(nn.Module):
         self.out_channels = list(channels)
         self.strides = [min(2 ** (i + 1), output_stride) for i in range(len(channels))]
 
+    def branch_points(self) -> list[tuple[nn.Module, str, str]]:
+        """Every conv-BN (each is 3x3)."""
+        return [(unit, "0", "1") for stage in self.stages for unit in stage]
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # (B, 3, H, W) -> 4 x (B, C_i, H/s_i, W/s_i)
         outs = []
         for stage in self.stages:
