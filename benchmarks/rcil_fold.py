@@ -49,7 +49,7 @@ def main() -> int:
     with torch.inference_mode():
         diff = (folded(x).logits - branched(x).logits).abs().max().item()
     print(f"{args.backbone}, 21 classes, one {args.size}x{args.size} image, {args.threads} thread(s), "
-          f"best of {args.repeats}; folded vs two-branch logits: max |diff| {diff:.2e}")
+          f"best of {args.repeats}; folded vs two-branch logits: max |diff| {diff:.2e}\n")
     print("| model | parameters (M) | forward (ms) | vs plain |")
     print("|---|---:|---:|---:|")
     t_plain = timed(plain, x, args.repeats)
