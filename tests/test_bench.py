@@ -59,3 +59,43 @@ def test_committed_grids_expand_into_valid_configs():
         assert len({run_name(p) for p in points}) == len(points)
         for p in points[:50]:
             load_config(None, overrides(grid, p), recipe=grid.get("recipe"))
+
+
+def test_named_grid_records_runs_made_outside_it(tmp_path, capsys):
+    """A run trained by `ciss train` under the name the grid gives it is recorded, not run again; a
+    run of another experiment under that name is refused."""
+    g = write_grid(tmp_path / "g.yaml", tmp_path)
+    grid = yaml.safe_load(g.read_text())
+    grid["name"] = "toy-{method}"
+    g.write_text(yaml.safe_dump(grid))
+    common = [f"--set={k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in grid["set"].items()]
+    assert main(["train", "--recipe", "tiny", *common, f"--set=out_dir={tmp_path / 'grid'}",
+                 "--set=name=toy-ft", "--set=method=ft", "--set=progress=false"]) == 0
+    before = (tmp_path / "grid" / "toy-ft" / "summary.json").stat().st_mtime
+    assert main(["bench", str(g)]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "grid" / "grid.jsonl").read_text().splitlines()]
+    assert [(r["run"], r["step"], r.get("recorded")) for r in rows] == [
+        ("toy-ft", 0, "found"), ("toy-ft", 1, "found"), ("toy-lwf", 0, None), ("toy-lwf", 1, None)]
+    assert (tmp_path / "grid" / "toy-ft" / "summary.json").stat().st_mtime == before  # not retrained
+    assert rows[0]["miou_all"] == pytest.approx(
+        json.loads((tmp_path / "grid" / "toy-ft" / "results.jsonl").read_text().splitlines()[0])["miou_all"])
+    assert main(["bench", str(g)]) == 0  # recorded once
+    assert len((tmp_path / "grid" / "grid.jsonl").read_text().splitlines()) == 4
+
+    grid["name"] = "toy-{seed}"  # two methods would share a name
+    g.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match="same name"):
+        read_grid(g)
+    grid["name"] = "toy-{optim.lr}"
+    g.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match="axes as"):
+        read_grid(g)
+    grid["name"] = "toy-{method}"
+    grid["axes"]["method"] = ["lwf"]
+    grid["out_dir"] = str(tmp_path / "other")
+    g.write_text(yaml.safe_dump(grid))
+    (tmp_path / "other").mkdir()
+    import shutil
+    shutil.copytree(tmp_path / "grid" / "toy-ft", tmp_path / "other" / "toy-lwf")  # ft under lwf's name
+    assert main(["bench", str(g)]) != 0
+    assert "method=ft" in capsys.readouterr().err

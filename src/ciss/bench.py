@@ -14,12 +14,18 @@ checkpoints are shared through the cache as in any run) and appends one JSONL ro
       data.order: [null]
       seed: [0]
       calibration: [null]
+    name: "ccp21-{data.task}-{data.setting}-{method}"   # optional run names; {axis} = its value
+
+A finished run found under its name is not run again; if grid.jsonl has no rows for it yet (a run
+made by `ciss train` under that name, or an earlier grid), they are written from its results, marked
+`"recorded": "found"`.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -47,9 +53,20 @@ def read_grid(path: str | Path) -> dict[str, Any]:
     for k, v in grid["axes"].items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"{path}: axis '{k}' must be a non-empty list")
-    unknown = set(grid) - {"recipe", "out_dir", "set", "axes"}
+    unknown = set(grid) - {"recipe", "out_dir", "set", "axes", "name"}
     if unknown:
-        raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; use recipe, out_dir, set, axes")
+        raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; use recipe, out_dir, set, axes, name")
+    if "name" in grid:
+        template = grid["name"]
+        fields = re.findall(r"\{([^{}]*)\}", template) if isinstance(template, str) else []
+        if not fields or any(f not in grid["axes"] for f in fields):
+            raise ConfigError(f"{path}: name must be a string using axes as {{axis}} fields (axes: "
+                              f"{', '.join(grid['axes'])}), got {template!r}")
+        names = [run_name(p, template) for p in expand(grid)]
+        if len(set(names)) != len(names):
+            varying = [k for k, v in grid["axes"].items() if len(v) > 1 and k not in fields]
+            raise ConfigError(f"{path}: the name template gives two runs the same name; add "
+                              f"{', '.join('{' + k + '}' for k in varying)}")
     return grid
 
 
@@ -64,9 +81,23 @@ def overrides(grid: dict[str, Any], point: dict[str, Any]) -> list[str]:
     return [f"{k}={_scalar(v)}" for k, v in {**(grid.get("set") or {}), **point}.items()]
 
 
-def run_name(point: dict[str, Any]) -> str:
+def run_name(point: dict[str, Any], template: Optional[str] = None) -> str:
+    """The point's run directory name: the grid's template filled in, or its values and a hash."""
+    if template is not None:
+        name = re.sub(r"\{([^{}]*)\}", lambda m: _scalar(point[m.group(1)]), template)
+        return name.replace("/", "_").replace(" ", "")
     readable = "-".join(_scalar(v) for v in point.values()).replace("/", "_").replace(" ", "")
     return f"{readable[:80]}-{stable_hash(point)[:8]}"
+
+
+def _rows(name: str, config: dict[str, Any], point: dict[str, Any], run_dir: Path, sha: str,
+          wall: Optional[float], extra: dict[str, Any]) -> list[dict[str, Any]]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = [json.loads(l) for l in (run_dir / "results.jsonl").read_text().splitlines() if l.strip()]
+    return [{"run": name, "config_hash": stable_hash(config), "git": sha, "seed": config.get("seed"),
+             **point, "step": r["step"], "miou_old": r.get("miou_old"), "miou_new": r.get("miou_new"),
+             "miou_all": r.get("miou_all"), "calibrated": r.get("calibrated"), "wall_time_s": wall,
+             "run_wall_time_s": summary.get("wall_time_s"), **extra} for r in steps]
 
 
 def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = True) -> Path:
@@ -76,28 +107,47 @@ def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = T
     points = expand(grid)
     configs = []
     for point in points:  # every configuration is checked before the first run starts
-        cfg = load_config(None, overrides(grid, point) + [f"out_dir={out}", f"name={run_name(point)}"],
+        cfg = load_config(None, overrides(grid, point)
+                          + [f"out_dir={out}", f"name={run_name(point, grid.get('name'))}"],
                           recipe=grid.get("recipe"))
         cfg.progress = False
         configs.append((point, cfg))
     rows_path = out / "grid.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     sha = git_sha() or ""
+    recorded = set()
+    if rows_path.is_file():
+        recorded = {json.loads(l)["run"] for l in rows_path.read_text().splitlines() if l.strip()}
     for point, cfg in tqdm(configs, desc=f"grid {Path(path).name}", unit="run", disable=not progress):
         run_dir = out / cfg.name
         if (run_dir / "summary.json").is_file():
+            if cfg.name not in recorded:  # finished outside this grid: record what it measured
+                config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+                _check_found(run_dir, config, point)
+                meta = run_dir / "meta.json"
+                run_sha = json.loads(meta.read_text()).get("git_sha", "") if meta.is_file() else ""
+                _append(rows_path, _rows(cfg.name, config, point, run_dir, run_sha or "", None,
+                                         {"recorded": "found"}))
             continue
         t0 = time.time()
         res = train(cfg)
-        summary = json.loads((res.run_dir / "summary.json").read_text())
-        steps = [json.loads(l) for l in (res.run_dir / "results.jsonl").read_text().splitlines()]
-        with open(rows_path, "a") as f:
-            for r in steps:
-                f.write(json.dumps({
-                    "run": cfg.name, "config_hash": stable_hash(to_dict(cfg)), "git": sha,
-                    "seed": cfg.seed, **point, "step": r["step"],
-                    "miou_old": r.get("miou_old"), "miou_new": r.get("miou_new"),
-                    "miou_all": r.get("miou_all"), "calibrated": r.get("calibrated"),
-                    "wall_time_s": time.time() - t0, "run_wall_time_s": summary.get("wall_time_s"),
-                    "process_peak_rss_mb": peak_rss_mb()}) + "\n")
+        _append(rows_path, _rows(cfg.name, to_dict(cfg), point, res.run_dir, sha, time.time() - t0,
+                                 {"process_peak_rss_mb": peak_rss_mb()}))
     return rows_path
+
+
+def _check_found(run_dir: Path, config: dict[str, Any], point: dict[str, Any]) -> None:
+    """A run found under a point's name must be that point's experiment."""
+    for key, want in point.items():
+        have: Any = config
+        for part in key.split("."):
+            have = have.get(part) if isinstance(have, dict) else None
+        if have != want:
+            raise ConfigError(f"{run_dir} has {key}={_scalar(have)} but the grid point wants "
+                              f"{_scalar(want)}; move that run away or change the grid's name template")
+
+
+def _append(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
