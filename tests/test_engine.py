@@ -181,3 +181,15 @@ def test_domain_incremental_cityscapes_run(tmp_path, tiny_cfg):
     assert all(len(s.iou) == 19 for s in res.steps)  # no class is added, every step sees 19
     state = load_checkpoint(res.run_dir / "ckpt" / "step-2.pt")
     assert state["model_config"]["classes_per_step"] == [19]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_models_take_the_configured_memory_layout(tiny_cfg, channels_last):
+    from ciss.engine import Experiment
+
+    exp = Experiment(tiny_cfg(f"channels_last={str(channels_last).lower()}"))
+    model = exp.build_model((4,))
+    convs = [m.weight for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1 and m.weight.shape[1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == channels_last
+                         for w in convs)

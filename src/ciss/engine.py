@@ -259,11 +259,12 @@ class Experiment:
 
     def build_model(self, classes_per_step: tuple[int, ...]) -> nn.Module:
         m = self.cfg.model
-        return build_segmenter(backbone=m.backbone, pretrained=m.pretrained,
-                               output_stride=m.output_stride, head_channels=m.head_channels,
-                               classes_per_step=classes_per_step,
-                               num_extra=self.method.num_extra_outputs(),
-                               **self.method.architecture())
+        model = build_segmenter(backbone=m.backbone, pretrained=m.pretrained,
+                                output_stride=m.output_stride, head_channels=m.head_channels,
+                                classes_per_step=classes_per_step,
+                                num_extra=self.method.num_extra_outputs(),
+                                **self.method.architecture())
+        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
     def base_cache_path(self) -> Path:
         """Step-0 checkpoints are shared by every run with the same base-step configuration."""
@@ -672,8 +673,8 @@ class Experiment:
         return res
 
     # Keys that may change between an interrupted run and its resumption.
-    RESUMABLE_CHANGES = ("progress", "tensorboard", "device", "out_dir", "name", "cache_dir",
-                         "data.num_workers", "data.root", "optim.eval_batch_size")
+    RESUMABLE_CHANGES = ("progress", "tensorboard", "device", "channels_last", "out_dir", "name",
+                         "cache_dir", "data.num_workers", "data.root", "optim.eval_batch_size")
 
     def check_same_experiment(self) -> None:
         """Refuse to resume a run directory that holds another experiment's checkpoints."""
