@@ -74,16 +74,23 @@ def groups(runs: Sequence[RunRecord]) -> dict[str, dict[str, list[RunRecord]]]:
 def markdown(runs: Sequence[RunRecord], figures: dict[str, list[str]]) -> str:
     """Old | new | all after the last step per group (GSC Table I layout), then mIoU per step."""
     lines = ["# ciss report", ""]
+    walls = [r.wall_time_s for r in runs if not math.isnan(r.wall_time_s)]
+    lines += [f"{len(runs)} run(s); wall time {sum(walls) / 3600:.1f} h in total, each run's own "
+              "(a run that reused a shared step-0 checkpoint did not pay for step 0).", ""]
     for group, by_method in groups(runs).items():
         last = next(iter(by_method.values()))[0].steps[-1]
         n_base, n_all = last["num_base"], len(last["iou"])
         old_h = f"old (0-{n_base - 1})"
         new_h = f"new ({n_base}-{n_all - 1})" if n_all > n_base else "new"
-        lines += [f"## {group}", "", f"| method | runs | {old_h} | {new_h} | all |", "|---|---:|---:|---:|---:|"]
+        lines += [f"## {group}", "", f"| method | runs | {old_h} | {new_h} | all | wall time (min) |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for label, rs in by_method.items():
             f = [r.steps[-1] for r in rs]
+            wall = [r.wall_time_s for r in rs if not math.isnan(r.wall_time_s)]
+            minutes = f"{sum(wall) / 60 / len(wall):.0f}" if wall else "-"  # mean over the runs
             lines.append(f"| {label} | {len(rs)} | {_mean_std([x['miou_old'] for x in f])} | "
-                         f"{_mean_std([x['miou_new'] for x in f])} | {_mean_std([x['miou_all'] for x in f])} |")
+                         f"{_mean_std([x['miou_new'] for x in f])} | {_mean_std([x['miou_all'] for x in f])} | "
+                         f"{minutes} |")
         n_steps = max(len(r.steps) for rs in by_method.values() for r in rs)
         lines += ["", "mIoU of all seen classes after each step:", "",
                   "| method | " + " | ".join(f"step {t}" for t in range(n_steps)) + " |",
