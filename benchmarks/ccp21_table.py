@@ -34,6 +34,20 @@ def command(method: str, task: str, setting: str, runs: Path, extra: list[str]) 
     ]
 
 
+RECORD_FILES = ("config.yaml", "meta.json", "summary.json", "results.jsonl", "losses.jsonl", "table.txt")
+
+
+def keep(runs: Path, records: Path, names: list[str]) -> None:
+    """Copy the small files of finished runs (no checkpoints) into `records`/<run name>/."""
+    for name in names:
+        if (runs / name).resolve() == (records / name).resolve():
+            continue
+        (records / name).mkdir(parents=True, exist_ok=True)
+        for f in RECORD_FILES:
+            if (runs / name / f).is_file():
+                (records / name / f).write_bytes((runs / name / f).read_bytes())
+
+
 def pct(v) -> str:
     return "-" if v is None or v != v else f"{100 * v:.2f}"
 
@@ -49,6 +63,8 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
     ap.add_argument("--report-only", action="store_true", help="only tabulate the finished runs")
     ap.add_argument("--notes", help="Markdown file appended to the page (findings written by hand)")
+    ap.add_argument("--records", help="copy each tabulated run's small files (config, results, summary, "
+                    "meta, losses) here, so the page can be rebuilt with --report-only --runs RECORDS")
     args = ap.parse_args()
     if not DATA.is_dir():
         print(f"ccp21 not found at {DATA}; this benchmark needs the shared data folder", file=sys.stderr)
@@ -128,6 +144,8 @@ def main() -> int:
                   .replace(str(DATA), "../shared/datasets/ccp21").replace(str(ROOT) + "/", "")
                   for _, cmd, _ in rows]
         lines += ["```", ""]
+    if args.records:
+        keep(runs, Path(args.records), [f"ccp21-{args.task}-{s}-{m}" for s, m, _, _ in done])
     if args.notes:
         lines += [Path(args.notes).read_text()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

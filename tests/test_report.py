@@ -63,3 +63,20 @@ def test_report_draws_the_calibration_sweep_of_evaluated_runs(runs, tmp_path):
     write_report([runs[2]], tmp_path / "rep", images=0)
     assert (tmp_path / "rep" / "synthetic_4_2_overlapped_calibration.png").stat().st_size > 1000
     assert "calibration.png" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_report_of_records_without_checkpoints_skips_predictions(runs, tmp_path):
+    import shutil
+
+    kept = []
+    for r in runs:
+        dst = tmp_path / "records" / r.name
+        dst.mkdir(parents=True)
+        for f in ("config.yaml", "meta.json", "summary.json", "results.jsonl"):
+            shutil.copy(r / f, dst / f)
+        kept.append(dst)
+    res = write_report(kept, tmp_path / "rep")
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
+    assert pngs == ["synthetic_4_2_overlapped_forgetting.png", "synthetic_4_2_overlapped_steps.png"]
+    assert "| mib | 1 |" in res["markdown"].read_text()
+

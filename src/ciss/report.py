@@ -182,7 +182,11 @@ def plot_predictions(group: str, by_method: dict[str, list[RunRecord]], path: Pa
         return None
     test = build_dataset(d.dataset, split=d.test_split, root=d.test_root or d.root, **d.options)
     picks = list(range(min(num_images, len(test))))
-    rows = [(label, rs[0]) for label, rs in by_method.items()]
+    # Runs kept as records only (results without checkpoints) cannot predict: they are left out.
+    rows = [(label, rs[0]) for label, rs in by_method.items()
+            if any((Path(rs[0].path) / "ckpt").glob("step-*.pt"))]
+    if not rows:
+        return None
     n_steps = max(len(r.steps) for _, r in rows)
     pal = palette() / 255.0
     fig, axes = plt.subplots(len(picks) * len(rows), n_steps + 2, squeeze=False,
