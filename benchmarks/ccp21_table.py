@@ -48,6 +48,11 @@ def keep(runs: Path, records: Path, names: list[str]) -> None:
                 (records / name / f).write_bytes((runs / name / f).read_bytes())
 
 
+def label(method: str, memory: set[str]) -> str:
+    """Results that replay old images say so wherever they are shown."""
+    return f"{method} (uses old images)" if method in memory else method
+
+
 def pct(v) -> str:
     return "-" if v is None or v != v else f"{100 * v:.2f}"
 
@@ -104,10 +109,23 @@ def main() -> int:
     sections = [(s, [(m, c, summ) for (s2, m, c, summ) in done if s2 == s]) for s in args.settings]
     sections = [(s, rows) for s, rows in sections if rows]
 
+    at_once = "one or two runs at a time" if args.report_only else f"{args.jobs} run(s) at a time"
     lines = [f"# ccp21 `{args.task}`: {', '.join(args.methods)}", "",
              f"Tabulated at git `{sha[:10]}`; each run's own git revision is in its row. `cpu` "
-             f"recipe; 2-core CPU machine, {args.jobs} run(s) at a time; mIoU in %. Wall time is the "
+             f"recipe; 2-core CPU machine, {at_once}; mIoU in %. Wall time is the "
              "run's own (a run reusing a shared step-0 checkpoint does not pay for step 0).", ""]
+    if len(sections) > 1:  # the GSC paper's Table I: settings side by side, old | new | all each
+        by = {(st, m): summ["steps"][-1] for st, rows in sections for m, _, summ in rows}
+        memory = {m for _, rows in sections for m, _, summ in rows if summ.get("uses_memory")}
+        names = [st for st, _ in sections]
+        lines += ["After the last step, old | new | all:", "",
+                  "| method | " + " | ".join(f"{st} {c}" for st in names for c in ("old", "new", "all")) + " |",
+                  "|---|" + "---:|" * (3 * len(names))]
+        for m in args.methods:
+            cells = [pct(by[(st, m)][k]) if (st, m) in by else "-"
+                     for st in names for k in ("miou_old", "miou_new", "miou_all")]
+            lines.append(f"| {label(m, memory)} | " + " | ".join(cells) + " |")
+        lines.append("")
     for setting, rows in sections:
         steps = rows[0][2]["steps"]
         last = steps[-1] if len(steps) > 1 else None
@@ -122,7 +140,7 @@ def main() -> int:
             f = s["steps"][-1]
             meta = runs / f"ccp21-{args.task}-{setting}-{method}" / "meta.json"
             rev = json.loads(meta.read_text()).get("git_sha", "")[:10] if meta.is_file() else ""
-            lines.append(f"| {method} | {pct(f['miou_old'])} | {pct(f['miou_new'])} | {pct(f['miou_all'])} "
+            lines.append(f"| {label(method, {method} if s.get('uses_memory') else set())} | {pct(f['miou_old'])} | {pct(f['miou_new'])} | {pct(f['miou_all'])} "
                          f"| {s['wall_time_s']:.0f} | {s['peak_rss_mb']:.0f} | {rev} |")
         del last
         lines += ["", "mIoU (all seen classes) after each step:", ""]

@@ -108,6 +108,14 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
+def _style(k: int) -> dict[str, Any]:
+    """Colour and line style of the k-th method: 20 distinct colours, then dashed, dotted..."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](k % 20),
+            "linestyle": ("-", "--", ":", "-.")[(k // 20) % 4]}
+
+
 def plot_steps(group: str, by_method: dict[str, list[RunRecord]], path: Path) -> Path:
     """mIoU of all seen classes after every step, one line per method (GSC Fig. 4)."""
     import matplotlib
@@ -116,10 +124,10 @@ def plot_steps(group: str, by_method: dict[str, list[RunRecord]], path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for label, rs in by_method.items():
+    for k, (label, rs) in enumerate(by_method.items()):
         n = max(len(r.steps) for r in rs)
         mean = [np.nanmean([100 * r.steps[t]["miou_all"] for r in rs if t < len(r.steps)]) for t in range(n)]
-        ax.plot(range(n), mean, marker="o", label=label)
+        ax.plot(range(n), mean, marker="o", label=label, **_style(k))
     ax.set_xlabel("step")
     ax.set_ylabel("mIoU, all seen classes (%)")
     ax.set_title(group, fontsize=9)
@@ -149,7 +157,7 @@ def plot_forgetting(group: str, by_method: dict[str, list[RunRecord]], path: Pat
     for k, (label, rs) in enumerate(have.items()):
         vals = [np.nanmean([100 * (r.forgetting[c] if c < len(r.forgetting) and r.forgetting[c] is not None
                                    else np.nan) for r in rs]) for c in range(n)]
-        ax.bar(np.arange(n) + k * width, vals, width=width, label=label)
+        ax.bar(np.arange(n) + k * width, vals, width=width, label=label, color=_style(k)["color"])
     ax.set_xticks(np.arange(n) + 0.4 - width / 2)
     ax.set_xticklabels(names[:n], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("forgetting (IoU points)")
