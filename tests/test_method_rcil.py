@@ -235,3 +235,15 @@ def test_step_keeps_the_merged_old_representation_frozen(name, tiny_cfg):
         assert torch.equal(got.bn.running_var, want.bn.running_var)
     assert any(not torch.equal(g.conv_new.weight, b.conv_new.weight)
                for g, b in zip(parallel_modules(step1), parallel_modules(step0)))
+
+
+def test_continuing_a_plain_model_file_with_rcil_is_refused(tiny_cfg, tmp_path):
+    """A model file without parallel branches cannot start an RCIL run (and the reverse)."""
+    from ciss.engine import train
+    from ciss.modelfile import ModelFile
+
+    res = train(tiny_cfg("method=ft", "data.task=4-1", "name=plain"))  # 3 steps: 4, 1, 1 classes
+    model_file = ModelFile.from_run(res.run_dir, step=0).save(tmp_path / "plain.ciss")
+    exp = Experiment(tiny_cfg("method=rcil", "data.task=4-1", f"init_from={model_file}", "name=cont"))
+    with pytest.raises(ValueError, match="parallel branches"):
+        exp.run_all()
