@@ -47,10 +47,6 @@ class ParallelConvBN(nn.Module):
         self.register_buffer("merged", torch.zeros((), dtype=torch.bool))
         self.drop_path = True
 
-    @property
-    def out_channels(self) -> int:
-        return self.conv.out_channels
-
     def _branch_weights(self, channels: int, device: torch.device, dtype: torch.dtype):
         # RCIL residual.py: r ~ U(0, 1) per channel, shared by the batch; weights (1, 0), (0, 1), (0.5, 0.5).
         r = torch.rand(1, channels, 1, 1, device=device)
@@ -102,16 +98,13 @@ class ParallelConvBN(nn.Module):
     def folded(self) -> nn.Conv2d:
         """One plain conv with bias, equal to this module in eval mode (for deployment)."""
         c = self.conv
-        conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation,
-                         c.groups, bias=True, padding_mode=c.padding_mode)
-        if type(c) is not nn.Conv2d:  # e.g. TF "SAME" padding: keep the conv's own forward
-            conv = copy.deepcopy(c)
-            conv.bias = nn.Parameter(torch.zeros(c.out_channels, dtype=c.weight.dtype, device=c.weight.device))
+        conv = copy.deepcopy(c)  # keeps the conv's own forward (e.g. TF "SAME" padding)
+        conv.bias = nn.Parameter(torch.zeros(c.out_channels, dtype=c.weight.dtype, device=c.weight.device))
         weight, bias = self.fused()
         with torch.no_grad():
             conv.weight.copy_(weight)
             conv.bias.copy_(bias)
-        return conv.to(c.weight.device)
+        return conv
 
 
 def _branch_points(model: nn.Module) -> list[BranchPoint]:
