@@ -99,3 +99,37 @@ def test_named_grid_records_runs_made_outside_it(tmp_path, capsys):
     shutil.copytree(tmp_path / "grid" / "toy-ft", tmp_path / "other" / "toy-lwf")  # ft under lwf's name
     assert main(["bench", str(g)]) != 0
     assert "method=ft" in capsys.readouterr().err
+
+
+def test_status_lists_what_remains_and_parallel_jobs_finish_the_grid(tmp_path, capsys):
+    """--status trains nothing; --jobs 2 runs the points as processes and writes the same rows."""
+    g = write_grid(tmp_path / "g.yaml", tmp_path)
+    assert main(["bench", str(g), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 2 runs finished" in out and out.count("to run:") == 2
+    assert not (tmp_path / "grid" / "grid.jsonl").exists()
+    assert main(["bench", str(g), "--jobs", "2"]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "grid" / "grid.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["step"]) for r in rows) == [("ft", 0), ("ft", 1), ("lwf", 0), ("lwf", 1)]
+    assert all(r["wall_time_s"] > 0 and r["process_peak_rss_mb"] > 0 for r in rows)
+    step0 = {r["method"]: r["miou_all"] for r in rows if r["step"] == 0}
+    assert step0["ft"] == pytest.approx(step0["lwf"])  # one base step, trained once and shared
+    trained0 = [m for m in ("ft", "lwf") if any(json.loads(l)["step"] == 0 for l in
+                (tmp_path / "grid" / next(n for n in (r["run"] for r in rows if r["method"] == m))
+                 / "losses.jsonl").read_text().splitlines())]
+    assert len(trained0) == 1, f"the base step was trained by {trained0}"
+    assert (tmp_path / "grid" / f"{rows[0]['run']}.log").is_file()
+    capsys.readouterr()
+    assert main(["bench", str(g), "--status"]) == 0
+    assert "2 of 2 runs finished" in capsys.readouterr().out
+
+
+def test_a_failed_parallel_run_is_reported_with_its_log(tmp_path, capsys):
+    g = write_grid(tmp_path / "g.yaml", tmp_path)
+    grid = yaml.safe_load(g.read_text())
+    grid["set"]["data.root"] = str(tmp_path / "missing")  # accepted by the config, fails in the run
+    grid["set"]["data.dataset"] = "folder"
+    g.write_text(yaml.safe_dump(grid))
+    assert main(["bench", str(g), "--jobs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "2 run(s) failed" in err and ".log" in err

@@ -131,6 +131,34 @@ def test_step0_checkpoint_is_shared_between_runs(tiny_cfg):
     assert any(r["step"] == 0 for r in losses_c)
 
 
+def test_a_run_waits_for_another_training_the_same_base_step(tiny_cfg, tmp_path, monkeypatch):
+    """While another process holds a base step's lock, a run waits, then loads what it wrote."""
+    import shutil
+    import threading
+
+    from ciss.results import exclusive
+
+    a = train(tiny_cfg("name=a"))
+    (base,) = (tmp_path / "cache" / "base").glob("*.pt")
+    shutil.move(base, tmp_path / "kept.pt")
+    waited = threading.Event()
+    real = ciss.engine.exclusive
+    monkeypatch.setattr(ciss.engine, "exclusive",
+                        lambda path, on_wait: real(path, on_wait=lambda: (on_wait(), waited.set())))
+    runs = []
+    with exclusive(base.with_suffix(".lock")):  # "another process" is training this base step
+        t = threading.Thread(target=lambda: runs.append(train(tiny_cfg("name=b"))))
+        t.start()
+        assert waited.wait(120), "the run did not wait for the lock"
+        shutil.move(tmp_path / "kept.pt", base)  # ... and writes it before letting go
+    t.join(120)
+    losses_b = [json.loads(l) for l in (runs[0].run_dir / "losses.jsonl").read_text().splitlines()]
+    assert losses_b and all(r["step"] == 1 for r in losses_b), "run b trained the base step itself"
+    sa = load_checkpoint(a.run_dir / "ckpt" / "step-0.pt")["model"]
+    sb = load_checkpoint(runs[0].run_dir / "ckpt" / "step-0.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_joint_trains_one_step_on_all_classes(tiny_cfg):
     res = train(tiny_cfg("method=joint"))
     assert len(res.steps) == 1

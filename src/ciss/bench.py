@@ -18,15 +18,20 @@ checkpoints are shared through the cache as in any run) and appends one JSONL ro
 
 A finished run found under its name is not run again; if grid.jsonl has no rows for it yet (a run
 made by `ciss train` under that name, or an earlier grid), they are written from its results, marked
-`"recorded": "found"`.
+`"recorded": "found"`. `ciss bench GRID --status` lists what remains; `--jobs N` runs N points at once.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import subprocess
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +41,10 @@ from tqdm import tqdm
 from ciss.config import ConfigError, load_config, stable_hash, to_dict
 from ciss.engine import peak_rss_mb, train
 from ciss.results import git_sha
+
+
+class RunsFailed(Exception):
+    """Some runs of a parallel grid exited with an error."""
 
 
 def _scalar(v: Any) -> str:
@@ -100,40 +109,92 @@ def _rows(name: str, config: dict[str, Any], point: dict[str, Any], run_dir: Pat
              "run_wall_time_s": summary.get("wall_time_s"), **extra} for r in steps]
 
 
-def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = True) -> Path:
-    """Run every point of the grid that has not finished; returns the grid's JSONL file."""
+def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = True, jobs: int = 1,
+             status: bool = False) -> Path:
+    """Run every point of the grid that has not finished; returns the grid's JSONL file.
+
+    `jobs` > 1 runs that many points at once, each a `ciss train` process with its share of the cores
+    and its log in <out_dir>/<run>.log. `status` only records finished runs and lists what remains."""
+    if jobs < 1:
+        raise ConfigError(f"jobs must be 1 or more, got {jobs}")
     grid = read_grid(path)
     out = Path(out_dir or grid.get("out_dir") or "runs/grid")
-    points = expand(grid)
     configs = []
-    for point in points:  # every configuration is checked before the first run starts
-        cfg = load_config(None, overrides(grid, point)
-                          + [f"out_dir={out}", f"name={run_name(point, grid.get('name'))}"],
-                          recipe=grid.get("recipe"))
+    for point in expand(grid):  # every configuration is checked before the first run starts
+        args = overrides(grid, point) + [f"out_dir={out}", f"name={run_name(point, grid.get('name'))}"]
+        cfg = load_config(None, args, recipe=grid.get("recipe"))
         cfg.progress = False
-        configs.append((point, cfg))
+        configs.append((point, cfg, args))
     rows_path = out / "grid.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    sha = git_sha() or ""
     recorded = set()
     if rows_path.is_file():
         recorded = {json.loads(l)["run"] for l in rows_path.read_text().splitlines() if l.strip()}
-    for point, cfg in tqdm(configs, desc=f"grid {Path(path).name}", unit="run", disable=not progress):
+    todo = []
+    for point, cfg, args in configs:
         run_dir = out / cfg.name
-        if (run_dir / "summary.json").is_file():
-            if cfg.name not in recorded:  # finished outside this grid: record what it measured
-                config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-                _check_found(run_dir, config, point)
-                meta = run_dir / "meta.json"
-                run_sha = json.loads(meta.read_text()).get("git_sha", "") if meta.is_file() else ""
-                _append(rows_path, _rows(cfg.name, config, point, run_dir, run_sha or "", None,
-                                         {"recorded": "found"}))
-            continue
-        t0 = time.time()
-        res = train(cfg)
-        _append(rows_path, _rows(cfg.name, to_dict(cfg), point, res.run_dir, sha, time.time() - t0,
-                                 {"process_peak_rss_mb": peak_rss_mb()}))
+        if not (run_dir / "summary.json").is_file():
+            todo.append((point, cfg, args))
+        elif cfg.name not in recorded:  # finished outside this grid: record what it measured
+            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            _check_found(run_dir, config, point)
+            meta = run_dir / "meta.json"
+            run_sha = json.loads(meta.read_text()).get("git_sha", "") if meta.is_file() else ""
+            _append(rows_path, _rows(cfg.name, config, point, run_dir, run_sha or "", None,
+                                     {"recorded": "found"}))
+    if status:
+        print(f"{path}: {len(configs) - len(todo)} of {len(configs)} runs finished in {out}")
+        for _, cfg, _ in todo:
+            print(f"  to run: {cfg.name}" + ("  (started)" if (out / cfg.name).is_dir() else ""))
+        return rows_path
+    sha = git_sha() or ""
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc=f"grid {Path(path).name}",
+               unit="run", disable=not progress)
+    if jobs == 1:
+        for point, cfg, _ in todo:
+            t0 = time.time()
+            res = train(cfg)
+            _append(rows_path, _rows(cfg.name, to_dict(cfg), point, res.run_dir, sha, time.time() - t0,
+                                     {"process_peak_rss_mb": peak_rss_mb()}))
+            bar.update()
+    else:
+        _run_parallel(todo, out, grid.get("recipe"), jobs, rows_path, sha, bar)
+    bar.close()
     return rows_path
+
+
+def _run_parallel(todo: list, out: Path, recipe: Optional[str], jobs: int, rows_path: Path, sha: str,
+                  bar: tqdm) -> None:
+    """Each point in its own `ciss train` process; rows are written as runs finish. Runs that share a
+    step 0 wait for each other through the base cache's lock instead of training it twice."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or jobs) // jobs)))
+    lock = threading.Lock()
+    failed: list[str] = []
+
+    def one(item: tuple) -> None:
+        point, cfg, args = item
+        cmd = [sys.executable, "-m", "ciss.cli", "train", *(["--recipe", recipe] if recipe else []),
+               *[a for kv in args + ["progress=false"] for a in ("--set", kv)]]
+        log = out / f"{cfg.name}.log"
+        t0 = time.time()
+        with open(log, "a") as f:
+            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        with lock:
+            run_dir = out / cfg.name
+            if rc != 0 or not (run_dir / "summary.json").is_file():
+                failed.append(f"{cfg.name} (exit {rc}, log {log})")
+            else:
+                summary = json.loads((run_dir / "summary.json").read_text())
+                config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+                _append(rows_path, _rows(cfg.name, config, point, run_dir, sha, time.time() - t0,
+                                         {"process_peak_rss_mb": summary.get("peak_rss_mb")}))
+            bar.update()
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, todo))
+    if failed:  # the others finished and are recorded; rerunning the grid resumes the failed ones
+        raise RunsFailed(f"{len(failed)} run(s) failed: " + "; ".join(failed)
+                         + "; the others are recorded, and running the grid again resumes these")
 
 
 def _check_found(run_dir: Path, config: dict[str, Any], point: dict[str, Any]) -> None:

@@ -73,9 +73,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ciss.bench import run_grid
+    from ciss.bench import RunsFailed, run_grid
 
-    print(f"rows: {run_grid(args.grid, out_dir=args.out_dir)}")
+    try:
+        print(f"rows: {run_grid(args.grid, out_dir=args.out_dir, jobs=args.jobs, status=args.status)}")
+    except RunsFailed as exc:
+        print(f"ciss: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -182,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a grid of experiments (finished runs are skipped)")
     b.add_argument("grid", help="grid YAML: recipe, out_dir, set, axes (see ciss.bench)")
     b.add_argument("--out-dir", help="default: the grid's out_dir")
+    b.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each a process with its share of the cores (default 1)")
+    b.add_argument("--status", action="store_true",
+                   help="record finished runs and list the ones still to run; train nothing")
     b.set_defaults(fn=_bench)
 
     rp = sub.add_parser("report", help="tables, figures and one HTML page from run directories")

@@ -7,6 +7,7 @@ logging, checkpoints, step-0 reuse and resuming.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -31,7 +32,7 @@ from ciss.methods import Method, Phase, build_method
 from ciss.metrics import ConfusionMatrix, StepMetrics, forgetting, format_table, step_metrics
 from ciss.models import build_segmenter
 from ciss.probe import class_means, ncm_logits
-from ciss.results import RunDir, load_checkpoint, save_checkpoint
+from ciss.results import RunDir, exclusive, load_checkpoint, save_checkpoint
 from ciss.scenario import Scenario, build_scenario
 from ciss.types import Batch, SegOutput, StepContext
 
@@ -731,24 +732,31 @@ class Experiment:
             self.load_into(core, partial)
 
         base_path = self.base_cache_path() if step == 0 and cfg.reuse_base else None
-        if base_path is not None and base_path.is_file() and partial is None:
-            self.load_into(core, load_checkpoint(base_path))
-            self.print(f"step 0: reusing the base-step checkpoint {base_path}")
-        else:
-            dev_loader = DeviceLoader(loader, self.device)
-            self.method.on_step_start(core, old_model, dev_loader, ctx)
-            train_model: nn.Module = core
-            if self.dist.enabled:
-                train_model = nn.parallel.DistributedDataParallel(
-                    core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            for i, phase in enumerate(self.method.phases(ctx)):
-                if partial is not None and partial["phase"] > i:
-                    continue
-                self.train_phase(train_model, old_model, loader, ctx, phase, i, lr, partial)
-                partial = None
-            self.method.on_step_end(core, old_model, dev_loader, ctx)
-            if base_path is not None and self.dist.main:
-                save_checkpoint(base_path, self.checkpoint_state(core, 0))
+        # one process trains a shared base step at a time; the others wait and then load it (not under
+        # DDP, whose ranks must all take the same branch)
+        waiting = f"step 0: waiting for another run that trains the same base step ({base_path})"
+        lock = (exclusive(base_path.with_suffix(".lock"), on_wait=lambda: self.print(waiting))
+                if base_path is not None and partial is None and not self.dist.enabled
+                else contextlib.nullcontext())
+        with lock:
+            if base_path is not None and base_path.is_file() and partial is None:
+                self.load_into(core, load_checkpoint(base_path))
+                self.print(f"step 0: reusing the base-step checkpoint {base_path}")
+            else:
+                dev_loader = DeviceLoader(loader, self.device)
+                self.method.on_step_start(core, old_model, dev_loader, ctx)
+                train_model: nn.Module = core
+                if self.dist.enabled:
+                    train_model = nn.parallel.DistributedDataParallel(
+                        core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                for i, phase in enumerate(self.method.phases(ctx)):
+                    if partial is not None and partial["phase"] > i:
+                        continue
+                    self.train_phase(train_model, old_model, loader, ctx, phase, i, lr, partial)
+                    partial = None
+                self.method.on_step_end(core, old_model, dev_loader, ctx)
+                if base_path is not None and self.dist.main:
+                    save_checkpoint(base_path, self.checkpoint_state(core, 0))
         if self.dist.main:
             save_checkpoint(self.run.step_ckpt(step), self.checkpoint_state(core, step))
             self.run.last_ckpt.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -10,10 +11,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process lock, runs may then train a shared base twice
+    fcntl = None  # type: ignore[assignment]
 
 
 def git_sha(cwd: Optional[Path] = None) -> Optional[str]:
@@ -43,6 +49,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, on_wait: Optional[Callable[[], None]] = None) -> Iterator[None]:
+    """Hold an advisory lock on `path` (created if missing) for the block; another process that asks
+    for it waits (after calling `on_wait`). The OS drops the lock if the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
