@@ -143,8 +143,10 @@ def test_a_run_waits_for_another_training_the_same_base_step(tiny_cfg, tmp_path,
     shutil.move(base, tmp_path / "kept.pt")
     waited = threading.Event()
     real = ciss.engine.exclusive
-    monkeypatch.setattr(ciss.engine, "exclusive",
-                        lambda path, on_wait: real(path, on_wait=lambda: (on_wait(), waited.set())))
+    def watched(path, on_wait=None, wait=True):
+        return real(path, on_wait=lambda: (on_wait and on_wait(), waited.set()), wait=wait)
+
+    monkeypatch.setattr(ciss.engine, "exclusive", watched)
     runs = []
     with exclusive(base.with_suffix(".lock")):  # "another process" is training this base step
         t = threading.Thread(target=lambda: runs.append(train(tiny_cfg("name=b"))))
@@ -157,6 +159,18 @@ def test_a_run_waits_for_another_training_the_same_base_step(tiny_cfg, tmp_path,
     sa = load_checkpoint(a.run_dir / "ckpt" / "step-0.pt")["model"]
     sb = load_checkpoint(runs[0].run_dir / "ckpt" / "step-0.pt")["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_run_being_trained_elsewhere_is_refused(tiny_cfg, tmp_path):
+    from ciss.config import ConfigError
+    from ciss.results import exclusive
+
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    with exclusive(run_dir / ".lock"), pytest.raises(ConfigError, match="another process"):
+        train(tiny_cfg("name=busy"))
+    assert not (run_dir / "results.jsonl").exists()
+    assert len(train(tiny_cfg("name=busy")).steps) == 2  # free again once the holder lets go
 
 
 def test_joint_trains_one_step_on_all_classes(tiny_cfg):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ciss.calibration import CALIBRATORS, Calibrator, GammaSweep, build_calibrator, parse_calibration, tradeoff_curve
-from ciss.config import RunConfig, stable_hash, to_dict
+from ciss.config import ConfigError, RunConfig, stable_hash, to_dict
 from ciss.data import build_dataset
 from ciss.data.transforms import EvalTransform, Resized, TrainTransform
 from ciss.methods import Method, Phase, build_method
@@ -592,6 +592,16 @@ class Experiment:
         return len(have)
 
     def run_all(self) -> RunResult:
+        if self.dist.enabled:  # ranks of one launch share the directory
+            return self._run_all()
+        try:
+            with exclusive(self.run.path / ".lock", wait=False):
+                return self._run_all()
+        except BlockingIOError:
+            raise ConfigError(f"{self.run.path} is being trained by another process; wait for it to "
+                              "finish (it resumes from there) or give this run another name") from None
+
+    def _run_all(self) -> RunResult:
         cfg = self.cfg
         t0 = time.time()
         seed_everything(cfg.seed)

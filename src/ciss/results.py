@@ -52,15 +52,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, on_wait: Optional[Callable[[], None]] = None) -> Iterator[None]:
+def exclusive(path: Path, on_wait: Optional[Callable[[], None]] = None, wait: bool = True) -> Iterator[None]:
     """Hold an advisory lock on `path` (created if missing) for the block; another process that asks
-    for it waits (after calling `on_wait`). The OS drops the lock if the holder dies."""
+    for it waits (after calling `on_wait`), or gets BlockingIOError if not `wait`. The OS drops the
+    lock if the holder dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         if fcntl is not None:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    raise
                 if on_wait is not None:
                     on_wait()
                 fcntl.flock(f, fcntl.LOCK_EX)
