@@ -133,3 +133,19 @@ def test_a_failed_parallel_run_is_reported_with_its_log(tmp_path, capsys):
     assert main(["bench", str(g), "--jobs", "2"]) == 1
     err = capsys.readouterr().err
     assert "2 run(s) failed" in err and ".log" in err
+
+
+def test_a_point_another_process_is_training_is_left_to_it(tmp_path, capsys):
+    from ciss.bench import run_name
+    from ciss.results import exclusive
+
+    g = write_grid(tmp_path / "g.yaml", tmp_path)
+    busy = tmp_path / "grid" / run_name(expand(read_grid(g))[0])
+    busy.mkdir(parents=True)
+    with exclusive(busy / ".lock"):
+        assert main(["bench", str(g)]) == 0
+    assert "being trained by another process" in capsys.readouterr().out
+    rows = [json.loads(l) for l in (tmp_path / "grid" / "grid.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"lwf"}
+    assert main(["bench", str(g), "--status"]) == 0  # free again: it is what remains
+    assert "to run: " + busy.name in capsys.readouterr().out

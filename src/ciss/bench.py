@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ciss.config import ConfigError, load_config, stable_hash, to_dict
 from ciss.engine import peak_rss_mb, train
-from ciss.results import git_sha
+from ciss.results import exclusive, git_sha
 
 
 class RunsFailed(Exception):
@@ -130,11 +130,11 @@ def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = T
     recorded = set()
     if rows_path.is_file():
         recorded = {json.loads(l)["run"] for l in rows_path.read_text().splitlines() if l.strip()}
-    todo = []
+    todo, busy = [], []
     for point, cfg, args in configs:
         run_dir = out / cfg.name
         if not (run_dir / "summary.json").is_file():
-            todo.append((point, cfg, args))
+            (busy if _in_use(run_dir) else todo).append((point, cfg, args))
         elif cfg.name not in recorded:  # finished outside this grid: record what it measured
             config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
             _check_found(run_dir, config, point)
@@ -142,13 +142,15 @@ def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = T
             run_sha = json.loads(meta.read_text()).get("git_sha", "") if meta.is_file() else ""
             _append(rows_path, _rows(cfg.name, config, point, run_dir, run_sha or "", None,
                                      {"recorded": "found"}))
+    for _, cfg, _ in busy:
+        print(f"{out / cfg.name} is being trained by another process: left to it")
     if status:
-        print(f"{path}: {len(configs) - len(todo)} of {len(configs)} runs finished in {out}")
+        print(f"{path}: {len(configs) - len(todo) - len(busy)} of {len(configs)} runs finished in {out}")
         for _, cfg, _ in todo:
             print(f"  to run: {cfg.name}" + ("  (started)" if (out / cfg.name).is_dir() else ""))
         return rows_path
     sha = git_sha() or ""
-    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc=f"grid {Path(path).name}",
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo) - len(busy), desc=f"grid {Path(path).name}",
                unit="run", disable=not progress)
     if jobs == 1:
         for point, cfg, _ in todo:
@@ -161,6 +163,17 @@ def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = T
         _run_parallel(todo, out, grid.get("recipe"), jobs, rows_path, sha, bar)
     bar.close()
     return rows_path
+
+
+def _in_use(run_dir: Path) -> bool:
+    """Whether another process holds the run directory's lock (is training it now)."""
+    if not (run_dir / ".lock").is_file():
+        return False
+    try:
+        with exclusive(run_dir / ".lock", wait=False):
+            return False
+    except BlockingIOError:
+        return True
 
 
 def _run_parallel(todo: list, out: Path, recipe: Optional[str], jobs: int, rows_path: Path, sha: str,
