@@ -3,8 +3,8 @@ from the rendered DOM that its tables are there and that every figure decoded.
 
 Needs Chromium (Debian: `apt-get install chromium`).
 
-    python benchmarks/report_in_browser.py benchmarks/results/ccp21_15-1_report/report.html \\
-        --screenshot benchmarks/results/ccp21_15-1_report/screenshot.png
+    python benchmarks/report_in_browser.py benchmarks/results/ccp21_report/report.html \\
+        --screenshot benchmarks/results/ccp21_report/screenshot.png
 """
 
 from __future__ import annotations
