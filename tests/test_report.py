@@ -38,6 +38,9 @@ def test_report_tables_are_the_runs_figures_with_mean_and_std(runs, tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
     assert pngs == ["synthetic_4_2_overlapped_forgetting.png", "synthetic_4_2_overlapped_predictions.png",
                     "synthetic_4_2_overlapped_steps.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "rep" / "synthetic_4_2_overlapped_predictions.png").mode == "P"  # compact
     page = res["html"].read_text()
     assert page.count("<table>") == 2 and page.count('src="data:image/png;base64,') == 3
     assert "<th>method</th>" in page

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ciss.results import RunDir
 
@@ -211,7 +213,8 @@ def plot_predictions(group: str, by_method: dict[str, list[RunRecord]], path: Pa
             ax_row[1].imshow(pal[gt])
             seen.update(int(c) for c in np.unique(gt) if c != 255)
             for t in range(n_steps):
-                if t >= len(run.steps):
+                if t >= len(run.steps):  # a run with fewer steps (Joint): no empty frame
+                    ax_row[t + 2].axis("off")
                     continue
                 pred = Predictor(run.path, step=run.steps[t]["step"])
                 names = max(names, pred.class_names, key=len)
@@ -227,8 +230,11 @@ def plot_predictions(group: str, by_method: dict[str, list[RunRecord]], path: Pa
     fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=6)
     fig.suptitle(group, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    # A 256-colour PNG: a third of the size for photos beside label maps (the page embeds it).
+    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
     return path
 
 
