@@ -150,8 +150,8 @@ def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = T
             print(f"  to run: {cfg.name}" + ("  (started)" if (out / cfg.name).is_dir() else ""))
         return rows_path
     sha = git_sha() or ""
-    bar = tqdm(total=len(configs), initial=len(configs) - len(todo) - len(busy), desc=f"grid {Path(path).name}",
-               unit="run", disable=not progress)
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo) - len(busy),
+               desc=f"grid {Path(path).name}", unit="run", disable=not progress)
     if jobs == 1:
         for point, cfg, _ in todo:
             t0 = time.time()
