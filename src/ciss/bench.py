@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ciss.config import ConfigError, load_config, stable_hash, to_dict
 from ciss.engine import peak_rss_mb, train
-from ciss.results import exclusive, git_sha
+from ciss.results import LockHeld, exclusive, git_sha
 
 
 class RunsFailed(Exception):
@@ -172,7 +172,7 @@ def _in_use(run_dir: Path) -> bool:
     try:
         with exclusive(run_dir / ".lock", wait=False):
             return False
-    except BlockingIOError:
+    except LockHeld:
         return True
 
 

@@ -32,7 +32,7 @@ from ciss.methods import Method, Phase, build_method
 from ciss.metrics import ConfusionMatrix, StepMetrics, forgetting, format_table, step_metrics
 from ciss.models import build_segmenter
 from ciss.probe import class_means, ncm_logits
-from ciss.results import RunDir, exclusive, load_checkpoint, save_checkpoint
+from ciss.results import LockHeld, RunDir, exclusive, load_checkpoint, save_checkpoint
 from ciss.scenario import Scenario, build_scenario
 from ciss.types import Batch, SegOutput, StepContext
 
@@ -597,7 +597,7 @@ class Experiment:
         try:
             with exclusive(self.run.path / ".lock", wait=False):
                 return self._run_all()
-        except BlockingIOError:
+        except LockHeld:  # raised on entering only: the block holds no other non-waiting lock
             raise ConfigError(f"{self.run.path} is being trained by another process; wait for it to "
                               "finish (it resumes from there) or give this run another name") from None
 

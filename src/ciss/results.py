@@ -51,10 +51,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+class LockHeld(Exception):
+    """Another process holds the lock asked for without waiting."""
+
+
 @contextlib.contextmanager
 def exclusive(path: Path, on_wait: Optional[Callable[[], None]] = None, wait: bool = True) -> Iterator[None]:
     """Hold an advisory lock on `path` (created if missing) for the block; another process that asks
-    for it waits (after calling `on_wait`), or gets BlockingIOError if not `wait`. The OS drops the
+    for it waits (after calling `on_wait`), or gets LockHeld if not `wait`. The OS drops the
     lock if the holder dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -63,7 +67,7 @@ def exclusive(path: Path, on_wait: Optional[Callable[[], None]] = None, wait: bo
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not wait:
-                    raise
+                    raise LockHeld(str(path)) from None
                 if on_wait is not None:
                     on_wait()
                 fcntl.flock(f, fcntl.LOCK_EX)
