@@ -83,3 +83,37 @@ def test_report_of_records_without_checkpoints_skips_predictions(runs, tmp_path)
     assert pngs == ["synthetic_4_2_overlapped_forgetting.png", "synthetic_4_2_overlapped_steps.png"]
     assert "| mib | 1 |" in res["markdown"].read_text()
 
+
+
+def test_runs_in_other_class_orders_get_their_groups_and_a_robustness_table(runs, tmp_path):
+    from conftest import tiny_config
+
+    extra = [train(tiny_config(tmp_path, "method=ft", f"data.order={order}", f"name=ft-{k}")).run_dir
+             for k, order in enumerate(["random:3", "random:5", "0,1,2,3,4,5,6"])]
+    assert load_run(extra[2]).order == "identity"  # the dataset's own order, however written
+    text = write_report([*runs, *extra], tmp_path / "rep")["markdown"].read_text()
+    assert "## synthetic 4-2 overlapped order random:3" in text
+    assert "## synthetic 4-2 overlapped order random:5" in text
+    robust = text.split("## Class-order robustness: synthetic 4-2 overlapped", 1)[1]
+    ft = next(l for l in robust.splitlines() if l.startswith("| ft |"))
+    assert ft.startswith("| ft | identity random:3 random:5 |") and ft.count("±") == 3
+    mib = next(l for l in robust.splitlines() if l.startswith("| mib |"))
+    assert mib.startswith("| mib | identity |") and "±" not in mib  # one order: its value, no spread
+
+
+def test_order_robustness_averages_seeds_within_an_order_then_spreads_over_orders():
+    from ciss.report import RunRecord, order_robustness
+
+    def rec(order, all_, seed_shift=0.0):
+        step = {"miou_old": 0.5 + seed_shift, "miou_new": float("nan"), "miou_all": all_, "iou": [0.0] * 4,
+                "num_base": 3}
+        return RunRecord(path=None, method="ft", group="", steps=[step], task_key="d 3-1 disjoint",
+                         order=order)
+
+    runs = [rec("identity", 0.10), rec("identity", 0.30, 0.2), rec("B", 0.40), rec("C", 0.60)]
+    lines = order_robustness(runs)
+    assert lines[0] == "## Class-order robustness: d 3-1 disjoint"
+    row = next(l for l in lines if l.startswith("| ft |"))
+    # all: identity (0.1 + 0.3) / 2 = 0.2, then 0.2, 0.4, 0.6: mean 40, sample std 20; old: 0.6, 0.5, 0.5
+    assert row == "| ft | identity B C | 53.33 ± 5.77 | - | 40.00 ± 20.00 |"
+    assert order_robustness(runs[:2]) == []  # one order: no robustness table

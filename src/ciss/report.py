@@ -1,8 +1,9 @@
 """Reports from run directories: the papers' tables, mIoU after every step, per-class forgetting, and
 one self-contained HTML page (figures inlined) that gathers them.
 
-Runs are grouped by dataset, task and setting; runs of one method in a group (seeds, class orders)
-become mean ± std.
+Runs are grouped by dataset, task, setting and class order; runs of one method in a group (seeds)
+become mean ± std. Where one task and setting was run in several class orders, a robustness table
+gives each method's mean ± std over the orders (GSC Table VI).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ class RunRecord:
 
     path: Path
     method: str
-    group: str  # "dataset task setting"
+    group: str  # "dataset task setting", then "order X" unless the classes come in their own order
     steps: list[dict]  # evaluated results.jsonl rows, in step order
+    task_key: str = ""  # "dataset task setting": the group of every class order
+    order: str = "identity"
     forgetting: list[Optional[float]] = field(default_factory=list)
     wall_time_s: float = float("nan")
     uses_memory: bool = False
@@ -52,11 +55,31 @@ def load_run(path: str | Path) -> RunRecord:
     data = cfg.get("data") or {}
     task = data.get("task")
     task = task if isinstance(task, str) else f"custom {len(task)} steps"
-    return RunRecord(path=run.path, method=cfg["method"],
-                     group=f"{data.get('dataset')} {task} {data.get('setting')}", steps=rows,
+    task_key = f"{data.get('dataset')} {task} {data.get('setting')}"
+    order = _order_label(data.get("order"), len(rows[-1]["iou"]))
+    return RunRecord(path=run.path, method=cfg["method"], task_key=task_key, order=order,
+                     group=task_key if order == "identity" else f"{task_key} order {order}", steps=rows,
                      forgetting=list(summary.get("forgetting") or []),
                      wall_time_s=float(summary.get("wall_time_s", float("nan"))),
                      uses_memory=bool(summary.get("uses_memory", rows[-1].get("uses_memory", False))))
+
+
+def _order_label(order: Any, num_classes: int) -> str:
+    """"identity" for every spelling of the dataset's own order (None, "identity", GSC's "A"), else
+    the order as configured ("custom" for an inline list)."""
+    from ciss.scenario import resolve_order
+
+    try:  # ids need no class names; an order written with names is simply not the identity here
+        if resolve_order(order, [str(i) for i in range(num_classes)]) == tuple(range(num_classes)):
+            return "identity"
+    except Exception:
+        pass
+    return order if isinstance(order, str) else "custom"
+
+
+def _mean(values: Sequence[float]) -> float:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return sum(v) / len(v) if v else float("nan")
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -103,7 +126,37 @@ def markdown(runs: Sequence[RunRecord], figures: dict[str, list[str]]) -> str:
         for fig in figures.get(group, []):
             lines += ["", f"![{Path(fig).stem}]({fig})"]
         lines.append("")
+    lines += order_robustness(runs)
     return "\n".join(lines)
+
+
+def order_robustness(runs: Sequence[RunRecord]) -> list[str]:
+    """Per task and setting run in two or more class orders: each method's old | new | all after the
+    last step as mean ± std over the orders, one value per order (its seeds averaged first)."""
+    lines: list[str] = []
+    by_task: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        by_task.setdefault(r.task_key, []).append(r)
+    for task_key, rs in by_task.items():
+        if len({r.order for r in rs}) < 2:
+            continue
+        last = rs[0].steps[-1]
+        n_base, n_all = last["num_base"], len(last["iou"])
+        lines += [f"## Class-order robustness: {task_key}", "",
+                  "Mean ± std over class orders (GSC Table VI layout). Class indices are positions in "
+                  "each run's own order: old = the classes of step 0.", "",
+                  f"| method | orders | old (0-{n_base - 1}) | new ({n_base}-{n_all - 1}) | all |",
+                  "|---|---|---:|---:|---:|"]
+        by_method: dict[str, dict[str, list[dict]]] = {}
+        for r in rs:
+            by_method.setdefault(r.label, {}).setdefault(r.order, []).append(r.steps[-1])
+        for label, per_order in by_method.items():
+            names = sorted(per_order, key=lambda o: (o != "identity", o))
+            cells = [_mean_std([_mean([x[k] for x in per_order[o]]) for o in names])
+                     for k in ("miou_old", "miou_new", "miou_all")]
+            lines.append(f"| {label} | {' '.join(names)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _slug(text: str) -> str:
