@@ -90,8 +90,10 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 def groups(runs: Sequence[RunRecord]) -> dict[str, dict[str, list[RunRecord]]]:
+    """Runs by group: tasks as first met, each task's own class order before the others."""
+    first = {k: i for i, k in reversed(list(enumerate(r.task_key for r in runs)))}
     out: dict[str, dict[str, list[RunRecord]]] = {}
-    for r in runs:
+    for r in sorted(runs, key=lambda r: (first[r.task_key], r.order != "identity", r.order)):
         out.setdefault(r.group, {}).setdefault(r.label, []).append(r)
     return out
 
