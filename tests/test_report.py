@@ -84,7 +84,6 @@ def test_report_of_records_without_checkpoints_skips_predictions(runs, tmp_path)
     assert "| mib | 1 |" in res["markdown"].read_text()
 
 
-
 def test_runs_in_other_class_orders_get_their_groups_and_a_robustness_table(runs, tmp_path):
     from conftest import tiny_config
 

@@ -67,23 +67,33 @@ def load_run(path: str | Path) -> RunRecord:
 def _order_label(order: Any, num_classes: int) -> str:
     """"identity" for every spelling of the dataset's own order (None, "identity", GSC's "A"), else
     the order as configured ("custom" for an inline list)."""
+    from ciss.data.errors import DataError
     from ciss.scenario import resolve_order
 
     try:  # ids need no class names; an order written with names is simply not the identity here
         if resolve_order(order, [str(i) for i in range(num_classes)]) == tuple(range(num_classes)):
             return "identity"
-    except Exception:
+    except DataError:
         pass
     return order if isinstance(order, str) else "custom"
 
 
+def _order_key(order: str) -> tuple[bool, str]:
+    """The dataset's own order first, then the others by name."""
+    return order != "identity", order
+
+
+def _finite(values: Sequence[Optional[float]]) -> list[float]:
+    return [x for x in values if x is not None and not math.isnan(x)]
+
+
 def _mean(values: Sequence[float]) -> float:
-    v = [x for x in values if x is not None and not math.isnan(x)]
+    v = _finite(values)
     return sum(v) / len(v) if v else float("nan")
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=float) * 100
+    v = np.array(_finite(values), dtype=float) * 100
     if v.size == 0:
         return "-"
     return f"{v.mean():.2f}" if v.size == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
@@ -91,9 +101,11 @@ def _mean_std(values: Sequence[float]) -> str:
 
 def groups(runs: Sequence[RunRecord]) -> dict[str, dict[str, list[RunRecord]]]:
     """Runs by group: tasks as first met, each task's own class order before the others."""
-    first = {k: i for i, k in reversed(list(enumerate(r.task_key for r in runs)))}
+    first: dict[str, int] = {}
+    for r in runs:
+        first.setdefault(r.task_key, len(first))
     out: dict[str, dict[str, list[RunRecord]]] = {}
-    for r in sorted(runs, key=lambda r: (first[r.task_key], r.order != "identity", r.order)):
+    for r in sorted(runs, key=lambda r: (first[r.task_key], *_order_key(r.order))):
         out.setdefault(r.group, {}).setdefault(r.label, []).append(r)
     return out
 
@@ -153,7 +165,7 @@ def order_robustness(runs: Sequence[RunRecord]) -> list[str]:
         for r in rs:
             by_method.setdefault(r.label, {}).setdefault(r.order, []).append(r.steps[-1])
         for label, per_order in by_method.items():
-            names = sorted(per_order, key=lambda o: (o != "identity", o))
+            names = sorted(per_order, key=_order_key)
             cells = [_mean_std([_mean([x[k] for x in per_order[o]]) for o in names])
                      for k in ("miou_old", "miou_new", "miou_all")]
             lines.append(f"| {label} | {' '.join(names)} | " + " | ".join(cells) + " |")
