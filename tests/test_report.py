@@ -40,7 +40,7 @@ def test_report_tables_are_the_runs_figures_with_mean_and_std(runs, tmp_path):
                     "synthetic_4_2_overlapped_steps.png"]
     from PIL import Image
 
-    assert Image.open(tmp_path / "rep" / "synthetic_4_2_overlapped_predictions.png").mode == "P"  # compact
+    assert {Image.open(tmp_path / "rep" / p).mode for p in pngs} == {"P"}  # 256 colours: a compact page
     page = res["html"].read_text()
     assert page.count("<table>") == 2 and page.count('src="data:image/png;base64,') == 3
     assert "<th>method</th>" in page
@@ -65,6 +65,9 @@ def test_report_draws_the_calibration_sweep_of_evaluated_runs(runs, tmp_path):
     evaluate_run(runs[2], calibration="sweep")
     write_report([runs[2]], tmp_path / "rep", images=0)
     assert (tmp_path / "rep" / "synthetic_4_2_overlapped_calibration.png").stat().st_size > 1000
+    from PIL import Image
+
+    assert Image.open(tmp_path / "rep" / "synthetic_4_2_overlapped_calibration.png").mode == "P"
     assert "calibration.png" in (tmp_path / "rep" / "report.md").read_text()
 
 

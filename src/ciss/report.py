@@ -185,6 +185,17 @@ def _style(k: int) -> dict[str, Any]:
             "linestyle": ("-", "--", ":", "-.")[(k // 20) % 4]}
 
 
+def _save_png(fig, path: Path) -> Path:
+    """Write a figure as a 256-colour PNG, a third of the size or less (the page embeds every figure)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
+    return path
+
+
 def plot_steps(group: str, by_method: dict[str, list[RunRecord]], path: Path) -> Path:
     """mIoU of all seen classes after every step, one line per method (GSC Fig. 4)."""
     import matplotlib
@@ -203,9 +214,7 @@ def plot_steps(group: str, by_method: dict[str, list[RunRecord]], path: Path) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_forgetting(group: str, by_method: dict[str, list[RunRecord]], path: Path) -> Optional[Path]:
@@ -234,9 +243,7 @@ def plot_forgetting(group: str, by_method: dict[str, list[RunRecord]], path: Pat
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_predictions(group: str, by_method: dict[str, list[RunRecord]], path: Path,
@@ -297,12 +304,7 @@ def plot_predictions(group: str, by_method: dict[str, list[RunRecord]], path: Pa
     fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=6)
     fig.suptitle(group, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    # A 256-colour PNG: a third of the size for photos beside label maps (the page embeds it).
-    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_sweeps(group: str, by_method: dict[str, list[RunRecord]], path: Path) -> Optional[Path]:
@@ -320,7 +322,11 @@ def plot_sweeps(group: str, by_method: dict[str, list[RunRecord]], path: Path) -
         if swept:
             last = max(swept, key=lambda r: r["step"])
             curves.append((f"{label} step {last['step']}", last["sweep"]))
-    return plot_tradeoff(curves, path, title=f"{group}: calibration trade-off") if curves else None
+    if not curves:
+        return None
+    plot_tradeoff(curves, path, title=f"{group}: calibration trade-off")
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)  # compact, as _save_png
+    return path
 
 
 def to_html(md_text: str, out_dir: Path) -> str:
