@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -185,15 +184,18 @@ def _style(k: int) -> dict[str, Any]:
             "linestyle": ("-", "--", ":", "-.")[(k // 20) % 4]}
 
 
+def _compact_png(path: Path) -> Path:
+    """Rewrite a PNG with 256 colours, a third of the size or less (the page embeds every figure)."""
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+    return path
+
+
 def _save_png(fig, path: Path) -> Path:
-    """Write a figure as a 256-colour PNG, a third of the size or less (the page embeds every figure)."""
     import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(path)
     plt.close(fig)
-    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
-    return path
+    return _compact_png(path)
 
 
 def plot_steps(group: str, by_method: dict[str, list[RunRecord]], path: Path) -> Path:
@@ -322,11 +324,7 @@ def plot_sweeps(group: str, by_method: dict[str, list[RunRecord]], path: Path) -
         if swept:
             last = max(swept, key=lambda r: r["step"])
             curves.append((f"{label} step {last['step']}", last["sweep"]))
-    if not curves:
-        return None
-    plot_tradeoff(curves, path, title=f"{group}: calibration trade-off")
-    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)  # compact, as _save_png
-    return path
+    return _compact_png(plot_tradeoff(curves, path, title=f"{group}: calibration trade-off")) if curves else None
 
 
 def to_html(md_text: str, out_dir: Path) -> str:
