@@ -121,3 +121,17 @@ def test_order_robustness_averages_seeds_within_an_order_then_spreads_over_order
     # all: identity (0.1 + 0.3) / 2 = 0.2, then 0.2, 0.4, 0.6: mean 40, sample std 20; old: 0.6, 0.5, 0.5
     assert row == "| ft | identity B C | 53.33 ± 5.77 | - | 40.00 ± 20.00 |"
     assert order_robustness(runs[:2]) == []  # one order: no robustness table
+
+
+def test_prediction_figures_can_be_limited_to_some_methods(runs, tmp_path, capsys):
+    from PIL import Image
+
+    write_report(runs, tmp_path / "all", images=1)
+    write_report(runs, tmp_path / "mib", images=1, predict_methods=["mib"])
+    name = "synthetic_4_2_overlapped_predictions.png"
+    rows_all = Image.open(tmp_path / "all" / name).size[1]
+    assert Image.open(tmp_path / "mib" / name).size[1] < rows_all  # one method's row, not two
+    code = main(["report", *map(str, runs), "--out", str(tmp_path / "bad"), "--predict-methods", "mibb"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "mibb" in err and "ft, mib" in err

@@ -86,7 +86,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from ciss.report import write_report
 
-    res = write_report(args.run_dirs, args.out, images=args.images)
+    res = write_report(args.run_dirs, args.out, images=args.images,
+                       predict_methods=args.predict_methods)
     print(f"{res['runs']} runs in {res['groups']} group(s): {res['markdown']}, {res['html']}")
     return 0
 
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="folder for report.md, report.html and the PNGs")
     rp.add_argument("--images", type=int, default=2,
                     help="test images predicted after every step by each method (default 2; 0: none)")
+    rp.add_argument("--predict-methods", nargs="+", metavar="METHOD",
+                    help="only these methods in the prediction figures (default: every method)")
     rp.set_defaults(fn=_report)
 
     ls = sub.add_parser("list", help="list datasets, tasks, methods or backbones")

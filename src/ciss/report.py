@@ -249,9 +249,9 @@ def plot_forgetting(group: str, by_method: dict[str, list[RunRecord]], path: Pat
 
 
 def plot_predictions(group: str, by_method: dict[str, list[RunRecord]], path: Path,
-                     num_images: int = 2) -> Optional[Path]:
-    """The same test images predicted after every step by each method, beside the ground truth,
-    with a colour legend of class names (GSC Fig. 6)."""
+                     num_images: int = 2, methods: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """The same test images predicted after every step by each method (or those in `methods`),
+    beside the ground truth, with a colour legend of class names (GSC Fig. 6)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,7 +270,8 @@ def plot_predictions(group: str, by_method: dict[str, list[RunRecord]], path: Pa
     picks = list(range(min(num_images, len(test))))
     # Runs kept as records only (results without checkpoints) cannot predict: they are left out.
     rows = [(label, rs[0]) for label, rs in by_method.items()
-            if any((Path(rs[0].path) / "ckpt").glob("step-*.pt"))]
+            if (methods is None or rs[0].method in methods)
+            and any((Path(rs[0].path) / "ckpt").glob("step-*.pt"))]
     if not rows:
         return None
     n_steps = max(len(r.steps) for _, r in rows)
@@ -365,10 +366,16 @@ def to_html(md_text: str, out_dir: Path) -> str:
             f"<style>{style}</style>{check}</head><body>{''.join(body)}</body></html>")
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: int = 2) -> dict[str, Any]:
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: int = 2,
+                 predict_methods: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """report.md, per group PNGs of mIoU per step, forgetting and predictions of `images` test
-    images (0: none), and report.html (figures inlined)."""
+    images (0: none) by every method or those of `predict_methods`, and report.html (figures inlined)."""
     runs = [load_run(p) for p in run_dirs]
+    if predict_methods is not None:
+        unknown = sorted(set(predict_methods) - {r.method for r in runs})
+        if unknown:
+            raise ValueError(f"no run of method(s) {', '.join(unknown)} among the runs given; their "
+                             f"methods are {', '.join(sorted({r.method for r in runs}))}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, list[str]] = {}
@@ -376,7 +383,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: in
         made = [plot_steps(group, by_method, out / f"{_slug(group)}_steps.png"),
                 plot_forgetting(group, by_method, out / f"{_slug(group)}_forgetting.png")]
         if images > 0:
-            made.append(plot_predictions(group, by_method, out / f"{_slug(group)}_predictions.png", images))
+            made.append(plot_predictions(group, by_method, out / f"{_slug(group)}_predictions.png",
+                                         images, predict_methods))
         made.append(plot_sweeps(group, by_method, out / f"{_slug(group)}_calibration.png"))
         figures[group] = [p.name for p in made if p is not None]
     text = markdown(runs, figures)
