@@ -9,7 +9,7 @@ import torch
 import ciss.engine
 from ciss.engine import TrainingDiverged, train
 from ciss.methods import METHODS, Method, list_methods
-from ciss.results import load_checkpoint
+from ciss.results import RunDir, kept_wall_time, load_checkpoint
 
 
 def test_engine_never_names_a_method():
@@ -107,6 +107,30 @@ def test_resume_continues_from_last_epoch(tiny_cfg, extra_methods):
     # step 0 trained once; step 1 epoch 0 from the first run, epochs 1-2 from the resumed run
     assert epochs == [(0, 0), (1, 0), (1, 1), (1, 2)]
     assert [s.step for s in res.steps] == [0, 1]
+
+
+def test_a_resumed_run_counts_the_time_of_the_work_it_kept(tiny_cfg, extra_methods):
+    cfg = tiny_cfg("method=_crashing", "optim.epochs_next=3", "name=clock")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    run = Path(cfg.out_dir) / "clock"
+    kept = load_checkpoint(run / "ckpt" / "last.pt")["run_wall_time_s"]  # step 0 and one epoch
+    step0 = json.loads((run / "results.jsonl").read_text().splitlines()[0])["run_wall_time_s"]
+    assert 0 < step0 < kept
+    _Crashing.armed = False
+    train(cfg)
+    summary = json.loads((run / "summary.json").read_text())
+    # this invocation's time plus what the first one kept, not this invocation's alone
+    assert kept <= summary["run_wall_time_s"] - summary["wall_time_s"] < kept + 5
+    assert RunDir(run, create=False).kept_wall_time() == pytest.approx(summary["run_wall_time_s"], abs=1)
+
+
+def test_kept_wall_time_reads_rows_written_before_it_was_recorded():
+    # rows of a run resumed in step 3: wall_time_s restarts with each invocation
+    old = [{"step": t, "wall_time_s": w} for t, w in enumerate([590, 726, 850, 95, 179])]
+    assert kept_wall_time(old) == 850 + 179
+    assert kept_wall_time(old + [{"step": 5, "wall_time_s": 20, "run_wall_time_s": 1050}]) == 1050
+    assert kept_wall_time([]) == 0
 
 
 def test_finished_run_is_not_retrained(tiny_cfg):

@@ -32,7 +32,7 @@ def test_report_tables_are_the_runs_figures_with_mean_and_std(runs, tmp_path):
     mib = json.loads((runs[2] / "results.jsonl").read_text().splitlines()[-1])
     assert f"| mib | 1 | {100 * mib['miou_old']:.2f} |" in text
     assert "synthetic 4-2 overlapped" in text
-    walls = [json.loads((r / "summary.json").read_text())["wall_time_s"] for r in runs]
+    walls = [json.loads((r / "summary.json").read_text())["run_wall_time_s"] for r in runs]
     assert f"3 run(s); wall time {sum(walls) / 3600:.1f} h in total" in text
     assert ft_line.endswith(f"| {(walls[0] + walls[1]) / 2 / 60:.0f} |")
     pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))

@@ -220,6 +220,7 @@ class Experiment:
 
     def __init__(self, cfg: RunConfig, run_dir: Optional[Path] = None) -> None:
         self.cfg = cfg
+        self._t0, self._wall_kept = time.time(), 0.0  # reset when the steps start (run_wall_time)
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
@@ -416,7 +417,7 @@ class Experiment:
                 self.log_scalars(f"step{ctx.step}/{phase.name}", means, epoch)
                 save_checkpoint(self.run.last_ckpt, self.checkpoint_state(
                     model, ctx.step, phase=phase_idx, epoch=epoch, optimizer=opt.state_dict(),
-                    scheduler=sched.state_dict()))
+                    scheduler=sched.state_dict(), run_wall_time_s=self.run_wall_time()))
         self.method.on_phase_end(phase, core, old_model, DeviceLoader(loader, self.device), ctx)
 
     def step_images(self, step: int, train: bool) -> DataLoader:
@@ -632,6 +633,11 @@ class Experiment:
             state = load_checkpoint(self.run.last_ckpt)
             if state["step"] == first:
                 partial = state
+        # wall time of the work kept from earlier invocations: the finished steps, and the part of
+        # the next one saved in its partial checkpoint
+        self._wall_kept = (float(partial["run_wall_time_s"]) if partial and "run_wall_time_s" in partial
+                           else self.run.kept_wall_time(before_step=first))
+        self._t0 = t0
 
         results = [StepMetrics(step=r["step"], iou=[float("nan") if v is None else v for v in r["iou"]],
                                num_base=r["num_base"], class_names=r.get("class_names"))
@@ -646,7 +652,8 @@ class Experiment:
                 if self.dist.main:
                     self.run.append_jsonl("results.jsonl", {
                         "step": step, "evaluated": False, "method": cfg.method,
-                        "wall_time_s": time.time() - t0, "uses_memory": self.method.uses_memory})
+                        "wall_time_s": time.time() - t0, "run_wall_time_s": self.run_wall_time(),
+                        "uses_memory": self.method.uses_memory})
                 self.print(f"step {step}: trained (no evaluation set)")
                 continue
             calibrators = self.calibrate_step(model, step)
@@ -655,7 +662,7 @@ class Experiment:
             results.append(metrics)
             if self.dist.main:
                 row = {**res_t.as_dict(), "method": cfg.method, "wall_time_s": time.time() - t0,
-                       "uses_memory": self.method.uses_memory}
+                       "run_wall_time_s": self.run_wall_time(), "uses_memory": self.method.uses_memory}
                 self.run.append_jsonl("results.jsonl", row)
                 scalars = {"miou_old": metrics.miou_old, "miou_new": metrics.miou_new,
                            "miou_all": metrics.miou_all}
@@ -674,7 +681,8 @@ class Experiment:
             history = [m.iou for m in results]
             self.run.write_summary({
                 "method": cfg.method, "uses_memory": self.method.uses_memory,
-                "wall_time_s": res.wall_time_s, "peak_rss_mb": res.peak_rss_mb,
+                "wall_time_s": res.wall_time_s, "run_wall_time_s": self.run_wall_time(),
+                "peak_rss_mb": res.peak_rss_mb,
                 # per class: IoU after the step that taught it minus IoU after the last step
                 "forgetting": [None if f != f else f for f in
                                forgetting(history, scn.classes_per_step)] if len(results) > 1 else [],
@@ -682,6 +690,10 @@ class Experiment:
         if self.writer is not None:
             self.writer.close()
         return res
+
+    def run_wall_time(self) -> float:
+        """Seconds this run has worked, over all its invocations (see RunDir.kept_wall_time)."""
+        return self._wall_kept + time.time() - self._t0
 
     # Keys that may change between an interrupted run and its resumption.
     RESUMABLE_CHANGES = ("progress", "tensorboard", "device", "channels_last", "out_dir", "name",

@@ -59,7 +59,7 @@ def load_run(path: str | Path) -> RunRecord:
     return RunRecord(path=run.path, method=cfg["method"], task_key=task_key, order=order,
                      group=task_key if order == "identity" else f"{task_key} order {order}", steps=rows,
                      forgetting=list(summary.get("forgetting") or []),
-                     wall_time_s=float(summary.get("wall_time_s", float("nan"))),
+                     wall_time_s=run.kept_wall_time() or float("nan"),
                      uses_memory=bool(summary.get("uses_memory", rows[-1].get("uses_memory", False))))
 
 

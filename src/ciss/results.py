@@ -180,9 +180,28 @@ class RunDir:
             out[int(row["step"])] = row
         return out
 
+    def kept_wall_time(self, before_step: Optional[int] = None) -> float:
+        """Seconds of training and evaluation the run kept over all its invocations (only the steps
+        before `before_step` if given); the part of a step cut by a crash and redone is not counted."""
+        rows = self.read_jsonl("results.jsonl")
+        return kept_wall_time([r for r in rows if before_step is None or int(r["step"]) < before_step])
+
     def write_summary(self, summary: dict) -> None:
-        """summary.json: the final figures of this invocation (wall time covers this invocation only)."""
+        """summary.json: the final figures (wall_time_s: this invocation; run_wall_time_s: all of them)."""
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
 
-    def rewrite_results(self, rows: list[dict]) -> None:
-        atomic_write_text(self.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+def kept_wall_time(rows: list[dict]) -> float:
+    """The wall time of results.jsonl rows, in file order. A row's run_wall_time_s counts from the
+    run's first invocation; rows written before that key existed only have wall_time_s, counted from
+    the start of their own invocation, so a drop in it marks a resumption."""
+    done, current = 0.0, 0.0
+    for r in rows:
+        if r.get("run_wall_time_s") is not None:
+            done, current = float(r["run_wall_time_s"]), 0.0
+        elif r.get("wall_time_s") is not None:
+            w = float(r["wall_time_s"])
+            if w < current:
+                done += current
+            current = w
+    return done + current
