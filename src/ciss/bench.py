@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ciss.config import ConfigError, load_config, stable_hash, to_dict
 from ciss.engine import peak_rss_mb, train
-from ciss.results import LockHeld, RunDir, exclusive, git_sha
+from ciss.results import LockHeld, RunDir, exclusive, git_sha, kept_wall_time
 
 
 class RunsFailed(Exception):
@@ -101,12 +101,12 @@ def run_name(point: dict[str, Any], template: Optional[str] = None) -> str:
 
 def _rows(name: str, config: dict[str, Any], point: dict[str, Any], run_dir: Path, sha: str,
           wall: Optional[float], extra: dict[str, Any]) -> list[dict[str, Any]]:
-    run = RunDir(run_dir, create=False)
-    steps = run.read_jsonl("results.jsonl")
+    steps = RunDir(run_dir, create=False).read_jsonl("results.jsonl")
+    run_wall = kept_wall_time(steps)
     return [{"run": name, "config_hash": stable_hash(config), "git": sha, "seed": config.get("seed"),
              **point, "step": r["step"], "miou_old": r.get("miou_old"), "miou_new": r.get("miou_new"),
              "miou_all": r.get("miou_all"), "calibrated": r.get("calibrated"), "wall_time_s": wall,
-             "run_wall_time_s": run.kept_wall_time(), **extra} for r in steps]
+             "run_wall_time_s": run_wall, **extra} for r in steps]
 
 
 def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = True, jobs: int = 1,
