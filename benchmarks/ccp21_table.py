@@ -130,8 +130,6 @@ def main() -> int:
             lines.append(f"| {label(m, memory)} | " + " | ".join(cells) + " |")
         lines.append("")
     for setting, rows in sections:
-        steps = rows[0][2]["steps"]
-        last = steps[-1] if len(steps) > 1 else None
         n_base = rows[0][2]["steps"][0]["num_base"]
         n_all = max(len(r[2]["steps"][-1]["iou"]) for r in rows)
         lines += [f"## {setting}", "",
@@ -147,7 +145,6 @@ def main() -> int:
             wall = RunDir(meta.parent, create=False).kept_wall_time() or s["wall_time_s"]
             lines.append(f"| {label(method, {method} if s.get('uses_memory') else set())} | {pct(f['miou_old'])} | {pct(f['miou_new'])} | {pct(f['miou_all'])} "
                          f"| {wall:.0f} | {s['peak_rss_mb']:.0f} | {rev} |")
-        del last
         lines += ["", "mIoU (all seen classes) after each step:", ""]
         max_steps = max(len(s["steps"]) for _, _, s in rows)
         lines.append("| method | " + " | ".join(f"step {t}" for t in range(max_steps)) + " |")
