@@ -32,13 +32,13 @@ from ciss.data.errors import DataError
 from ciss.engine import Experiment
 
 
-def step_work(exp: Experiment, step: int) -> tuple[int, int, int]:
-    """(epochs, image passes, iterations) of training one step of `exp`."""
+def step_work(exp: Experiment, step: int) -> tuple[int, int]:
+    """(image passes, iterations) of training one step of `exp`."""
     o = exp.cfg.optim
     epochs = o.epochs if step == 0 or o.epochs_next is None else o.epochs_next
     n = len(exp.train_scenario.train_indices(step))
     iters = n // o.batch_size if n > o.batch_size else 1  # the train loader drops the last batch
-    return epochs, epochs * n, epochs * iters
+    return epochs * n, epochs * iters
 
 
 def seconds_per_image(exp: Experiment, iters: int) -> float:
@@ -94,7 +94,7 @@ def grid_work(grid_path: Path, sets: list[str], measure: int = 0) -> tuple[dict,
                     if base in seen_bases:
                         continue
                     seen_bases.add(base)
-                _, images, iters = step_work(exp, step)
+                images, iters = step_work(exp, step)
                 row[1] += 1
                 row[2] += images
                 row[3] += iters
