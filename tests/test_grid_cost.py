@@ -41,12 +41,15 @@ def test_shared_step_zero_is_counted_once_and_passes_are_images_times_epochs(gri
     assert n0 > 4 and n1 > 4
     groups, hours = grid_cost.grid_work(write_grid(tmp_path, ["ft", "lwf"]), [])
     assert hours == {}
-    runs, steps, passes, iters = groups["4-2 overlapped"]
+    runs, steps, passes, iters, teacher = groups["4-2 overlapped"]
     assert (runs, steps) == (2, 3)  # one step 0 for both, a step 1 each
     assert passes == 2 * n0 + 2 * 3 * n1
     assert iters == 2 * (n0 // 4) + 2 * 3 * (n1 // 4)
+    assert teacher == 3 * n1  # LwF's old model at step 1; FT has none
     groups, _ = grid_cost.grid_work(write_grid(tmp_path, ["ft", "lwf"], reuse_base=False), [])
     assert groups["4-2 overlapped"][1:3] == [4, 2 * 2 * n0 + 2 * 3 * n1]
+    groups, _ = grid_cost.grid_work(write_grid(tmp_path, ["nest_mib"], **{"method_args.pretune_epochs": 2}), [])
+    assert groups["4-2 overlapped"][2] == 2 * n0 + (2 + 3) * n1  # NeST's pre-tuning epochs count
 
 
 def test_measure_gives_hours_and_bad_input_names_the_grid(grid_cost, tmp_path, monkeypatch, capsys):
