@@ -36,11 +36,10 @@ from ciss.engine import Experiment
 
 def step_work(exp: Experiment, step: int) -> tuple[int, int, int]:
     """(image passes, iterations, teacher passes) of training one step of `exp`."""
-    o = exp.cfg.optim
-    epochs = o.epochs if step == 0 or o.epochs_next is None else o.epochs_next
+    batch = exp.cfg.optim.batch_size
     n = len(exp.train_scenario.train_indices(step))
-    iters = n // o.batch_size if n > o.batch_size else 1  # the train loader drops the last batch
-    epochs = sum(p.epochs for p in exp.method.phases(exp.context(step, epochs, iters)))
+    iters = n // batch if n > batch else 1  # the train loader drops the last batch
+    epochs = sum(p.epochs for p in exp.method.phases(exp.context(step, exp.step_epochs(step), iters)))
     teacher = epochs * n if step > 0 and exp.method.needs_old_model else 0
     return epochs * n, epochs * iters, teacher
 
@@ -48,7 +47,7 @@ def step_work(exp: Experiment, step: int) -> tuple[int, int, int]:
 def seconds_per_image(exp: Experiment, iters: int) -> tuple[float, float]:
     """Seconds of one image of training (forward, loss, backward, SGD step) and of a no-grad forward
     (the old model's, in eval mode) at the run's batch and crop."""
-    model = exp.build_model(exp.train_scenario.classes_per_step[:1]).to(exp.device).train()
+    model = exp.build_model(exp.train_scenario.classes_per_step[:1]).to(exp.device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     b, crop = exp.cfg.optim.batch_size, exp.cfg.data.crop_size
     x = torch.randn(b, 3, crop, crop, device=exp.device)

@@ -268,6 +268,11 @@ class Experiment:
                                 **self.method.architecture())
         return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
+    def step_epochs(self, step: int) -> int:
+        """Epochs of the step's training (before the method splits them into phases)."""
+        o = self.cfg.optim
+        return o.epochs if step == 0 or o.epochs_next is None else o.epochs_next
+
     def base_cache_path(self) -> Path:
         """Step-0 checkpoints are shared by every run with the same base-step configuration."""
         c = self.cfg
@@ -737,7 +742,7 @@ class Experiment:
             if scn.classes_per_step[step] > 0:  # domain-incremental steps add no class
                 core.add_step(scn.classes_per_step[step])
             core.to(self.device)
-        epochs = cfg.optim.epochs if step == 0 or cfg.optim.epochs_next is None else cfg.optim.epochs_next
+        epochs = self.step_epochs(step)
         lr = cfg.optim.lr if step == 0 else cfg.optim.lr_next
         transform = Resized(TrainTransform(cfg.data.crop_size), cfg.data.resize)
         data = scn.train_dataset(step, transform)
