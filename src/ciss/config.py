@@ -33,15 +33,24 @@ class DataConfig:
     eval_size: Optional[int] = None  # shorter side resized + centre crop; None = whole image
     resize: Optional[int] = None  # shorter side resized to this first (train and eval); None = native
     num_workers: int = 0
+    # With `resize`: images and labels of file datasets decoded and resized once, then read from
+    # <cache_dir>/images (data/image_cache.py).
+    image_cache: bool = True
     options: dict = field(default_factory=dict)  # extra keyword arguments of the dataset
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "efficientnet_lite0"
+    # Lite0 without the ImageNet network's 320->1280 head conv: ASPP reads the last stage's 320
+    # channels. "efficientnet_lite0" keeps that conv (the default before; benchmarks/results/train_speed.md).
+    backbone: str = "efficientnet_lite0_headless"
     pretrained: Any = True  # True = weights shipped with the package (efficientnet_lite0); or a path
     output_stride: int = 16
     head_channels: int = 256
+    # The stem and the stages of output stride <= this take no gradient (0: every layer trains), as
+    # detectron2 freezes a pretrained backbone's stem and first stage: backward skips the layers at
+    # the highest resolutions.
+    frozen_stride: int = 4
 
 
 @dataclass
@@ -85,12 +94,16 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+# Keys added after runs were made, with the value those runs had implicitly: a run directory whose
+# config lacks one is read with that value (to resume it, or to compare it with a new config).
+INTRODUCED: dict[str, Any] = {"model.frozen_stride": 0, "data.image_cache": False}
+
 # Recipes: overrides, applied in this order: recipe, YAML file, --set.
 RECIPES: dict[str, dict] = {
     # MiB/PLOP/SSUL on Pascal VOC: 30 epochs, batch 24, crop 512, OS 16, lr 0.01 then 0.001.
     "paper": {
         "data": {"crop_size": 512, "eval_size": 512},
-        "model": {"output_stride": 16, "head_channels": 256},
+        "model": {"output_stride": 16, "head_channels": 256, "frozen_stride": 0},  # all layers train
         "optim": {"epochs": 30, "batch_size": 24, "lr": 0.01, "lr_next": 0.001},
     },
     # Sized for a 2-core machine without GPU: images at a shorter side of 256, crops of 224, a
@@ -107,7 +120,8 @@ RECIPES: dict[str, dict] = {
     # Unit tests and the demo on synthetic data.
     "tiny": {
         "data": {"crop_size": 64, "eval_size": None},
-        "model": {"backbone": "tiny", "pretrained": False, "head_channels": 32},
+        # random init: no layer is frozen
+        "model": {"backbone": "tiny", "pretrained": False, "head_channels": 32, "frozen_stride": 0},
         "optim": {"epochs": 2, "batch_size": 8, "lr": 0.05, "lr_next": 0.01, "eval_batch_size": 16},
     },
 }

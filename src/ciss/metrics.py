@@ -11,6 +11,14 @@ import torch
 from ciss.types import IGNORE
 
 
+def predicted_labels(logits: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W) long: the index of the largest logit, the first of ties (as argmax).
+
+    ``max(1).indices`` gives argmax's labels, and on contiguous (B, C, H, W) CPU tensors it is about 6x
+    faster than ``argmax(1)`` (benchmarks/results/train_speed.md)."""
+    return logits.max(dim=1).indices
+
+
 class ConfusionMatrix:
     """Accumulates a (C, C) matrix of (ground truth, prediction) pixel counts on any device."""
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ciss.metrics import predicted_labels
 from ciss.modelfile import ModelFile, load_model
 
 
@@ -89,7 +90,7 @@ class Predictor:
         if logits.shape[-2:] != (h, w):
             logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
                                                      align_corners=False)
-        return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        return predicted_labels(logits)[0].cpu().numpy().astype(np.uint8)
 
     def predict_files(self, paths: Sequence[str | Path], out: str | Path) -> list[Path]:
         out = Path(out)

@@ -591,6 +591,20 @@ class StepDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def item_sizes(self) -> Optional[list[tuple[int, int]]]:
+        """(H, W) of every item from file headers, or None when the transform does not say."""
+        size = getattr(self.transform, "output_size", None)
+        if not callable(size):
+            return None
+        sizes = []
+        for i in self.indices:
+            native = self.data.image_size(int(i))
+            out = None if native is None else size(*native)
+            if out is None:
+                return None
+            sizes.append(out)
+        return sizes
+
     def __getitem__(self, k: int) -> tuple[Any, Any, int]:
         i = int(self.indices[k])
         image, mask = self.data[i]

@@ -152,6 +152,11 @@ class SegDataset:
         """(H, W) uint8 raw label values (class index or IGNORE)."""
         raise NotImplementedError
 
+    def image_size(self, i: int) -> Optional[tuple[int, int]]:
+        """(H, W) of image i without decoding it, or None where that costs a decode (subclasses with
+        files read it from the header)."""
+        return None
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.load_image(i), self.load_mask(i)
 
@@ -321,3 +326,7 @@ class LabelFileDataset(SegDataset):
 
     def describe(self, i: int) -> str:
         return f"label file {self.label_path(i)}"
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        w, h = header_size(self.label_path(i), "label")  # a label map has its image's size
+        return h, w

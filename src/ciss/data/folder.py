@@ -111,6 +111,38 @@ def read_split(path: Path, available: list[str]) -> list[str]:
     return ids
 
 
+# A split "<name>:holdout" is the ids of splits/<name>.txt whose SHA-1 (of the id's UTF-8 bytes), read
+# as an integer, is 0 modulo HOLDOUT_MODULUS: about a fifth, fixed by the ids alone, so adding or
+# reordering ids never moves another id. "<name>:fit" is the rest. Tune on train:fit / train:holdout
+# and keep the real test split for the end.
+HOLDOUT_MODULUS = 5
+SPLIT_PARTS = ("fit", "holdout")
+
+
+def parse_split(split: str) -> tuple[str, Optional[str]]:
+    """'train' -> ('train', None); 'train:holdout' -> ('train', 'holdout')."""
+    if ":" not in split:
+        return split, None
+    listed, part = split.rsplit(":", 1)
+    if part not in SPLIT_PARTS or not listed:
+        raise DataError(f"split {split!r}: after ':' give one of {', '.join(SPLIT_PARTS)} "
+                        f"(e.g. train:fit to train and train:holdout to validate)")
+    return listed, part
+
+
+def in_holdout(id_: str) -> bool:
+    return int(hashlib.sha1(id_.encode("utf-8")).hexdigest(), 16) % HOLDOUT_MODULUS == 0
+
+
+def carve(ids: list[str], part: str, where: Path) -> list[str]:
+    """The ids of ``part`` ('fit' or 'holdout'), in list order."""
+    keep = [i for i in ids if in_holdout(i) == (part == "holdout")]
+    if not keep:
+        raise DataError(f"{where}: its {part} part is empty ({len(ids)} ids; the holdout takes about "
+                        f"1 in {HOLDOUT_MODULUS}); list more ids")
+    return keep
+
+
 class FolderDataset(LabelFileDataset):
     """A dataset in the folder format (see module docstring)."""
 
@@ -143,9 +175,12 @@ class FolderDataset(LabelFileDataset):
             self.classes, self._lut = remap_by_name(self.own_classes, list(classes), root / "classes.txt")
         split_dir = root / "splits"
         available = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
-        split_file = split_dir / f"{split}.txt"
+        listed, part = parse_split(split)
+        split_file = split_dir / f"{listed}.txt"
         self.split_file = split_file
         self.ids = read_split(split_file, available)
+        if part is not None:
+            self.ids = carve(self.ids, part, split_file)
 
         for sub in ("images", "labels"):
             if not (root / sub).is_dir():

@@ -128,8 +128,25 @@ class EvalTransform:
             label = label[top : top + s, left : left + s]
         return to_tensors(image, label)
 
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """(H, W) of the items made from an (h, w) image."""
+        return (h, w) if self.size is None else (self.size, self.size)
+
     def __repr__(self) -> str:
         return f"EvalTransform(size={self.size})"
+
+
+def shorter_size(h: int, w: int, shorter: int) -> tuple[int, int]:
+    """(H, W) of an (h, w) image whose shorter side is brought to ``shorter``."""
+    k = shorter / min(h, w)
+    return max(1, round(h * k)), max(1, round(w * k))
+
+
+def resize_shorter(image: np.ndarray, label: np.ndarray, shorter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shorter side brought to ``shorter`` (image bilinear, label nearest); a pair already at that
+    size is returned as it is, so resizing twice equals resizing once."""
+    _check(image, label)
+    return _resize(image, label, *shorter_size(*image.shape[:2], shorter))
 
 
 class Resized:
@@ -147,11 +164,15 @@ class Resized:
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self.shorter is not None:
-            _check(image, label)
-            h, w = image.shape[:2]
-            k = self.shorter / min(h, w)
-            image, label = _resize(image, label, max(1, round(h * k)), max(1, round(w * k)))
+            image, label = resize_shorter(image, label, self.shorter)
         return self.inner(image, label)
+
+    def output_size(self, h: int, w: int) -> Optional[tuple[int, int]]:
+        """(H, W) of the items made from an (h, w) image, or None when ``inner`` does not say."""
+        inner = getattr(self.inner, "output_size", None)
+        if not callable(inner):
+            return None
+        return inner(*shorter_size(h, w, self.shorter)) if self.shorter is not None else inner(h, w)
 
     def __repr__(self) -> str:
         return f"Resized({self.inner!r}, shorter={self.shorter})"

@@ -22,6 +22,7 @@ from torch import nn
 from ciss.losses import plop_uncertainty, prediction_entropy, soft_relation_distillation
 from ciss.methods.base import Method, Wrapper
 from ciss.methods.plop import PLOP, histogram_median
+from ciss.metrics import predicted_labels
 from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext, Targets
 
 
@@ -72,14 +73,14 @@ def prototype_agreement(features: torch.Tensor, prototypes: torch.Tensor, proto_
     dist_ = dist_.transpose(1, 2).reshape(b, -1, h, w)  # (B, C_old, h, w)
     # Distances are smooth in space: upsampled like the logits rather than upsampling D-dim features.
     dist_ = F.interpolate(dist_, size=old_probs.shape[-2:], mode="bilinear", align_corners=False)
-    pred = old_probs.argmax(dim=1)  # (B, H, W)
+    pred = predicted_labels(old_probs)  # (B, H, W)
     if not bool(proto_valid.any()):
         return torch.ones_like(pred, dtype=torch.bool)  # no prototype at all: nothing to check against
     # A class without prototype (no background pixel of the step predicted as it) gets zeta = 0: the
     # old model's vote for it has no feature evidence, so such pixels are ignored.
     score = (-dist_ / temperature).masked_fill(~proto_valid[None, :, None, None], float("-inf"))
     zeta = F.softmax(score, dim=1)  # (B, C_old, H, W)
-    return (zeta * old_probs).argmax(dim=1) == pred
+    return predicted_labels(zeta * old_probs) == pred
 
 
 @dataclass
@@ -147,7 +148,7 @@ class GSC(Wrapper):
                 counts = torch.zeros(c_old, dtype=torch.float64, device=dev)
                 hist = torch.zeros(c_old * nb, dtype=torch.long, device=dev)
             probs = F.softmax(out.logits[:, :c_old].float(), dim=1)  # (B, C_old, H, W)
-            pred = probs.argmax(dim=1)  # (B, H, W)
+            pred = predicted_labels(probs)  # (B, H, W)
             u = plop_uncertainty(probs, ctx.num_seen)  # (B, H, W)
             # Eq. 12: tau^c over all pixels the old model predicts as c (PLOP uses only background
             # pixels); ignored pixels (padding, borders) are left out.
@@ -156,7 +157,7 @@ class GSC(Wrapper):
             hist += torch.bincount(pred[valid] * nb + bins, minlength=c_old * nb)
             # Eq. 11: eta^c is the mean old feature of the background pixels predicted as c, taken at the
             # feature resolution (labels nearest-downsampled).
-            low_pred = out.features["logits_lowres"][:, :c_old].argmax(dim=1)  # (B, h, w)
+            low_pred = predicted_labels(out.features["logits_lowres"][:, :c_old])  # (B, h, w)
             low_label = F.interpolate(batch.label[:, None].float(), size=feats.shape[-2:],
                                       mode="nearest")[:, 0].long()  # (B, h, w)
             bg = low_label == BACKGROUND
@@ -198,7 +199,7 @@ class GSC(Wrapper):
         label = batch.label
         dev = label.device
         probs = F.softmax(old.logits[:, : ctx.num_old].float(), dim=1)  # (B, C_old, H, W)
-        pred = probs.argmax(dim=1)  # (B, H, W)
+        pred = predicted_labels(probs)  # (B, H, W)
         u = plop_uncertainty(probs, ctx.num_seen)  # (B, H, W)
         confident = u < self.thresholds.to(dev)[pred]  # (B, H, W)
         # Eq. 10 measures the CURRENT model's features against the old model's prototypes (L_pd keeps

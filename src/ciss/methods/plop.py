@@ -15,6 +15,7 @@ from torch import nn
 from ciss.losses import cross_entropy, local_pod_distance, plop_uncertainty
 from ciss.methods.base import Method, Phase
 from ciss.methods.mib import init_balanced
+from ciss.metrics import predicted_labels
 from ciss.models.segmenter import set_bn_eval
 from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext, Targets
 
@@ -110,7 +111,7 @@ class PLOP(Method):
         for batch in loader:
             hist = hist.to(batch.image.device)
             probs = F.softmax(old_model(batch.image).logits[:, : ctx.num_old].float(), dim=1)
-            pred = probs.argmax(dim=1)  # (B, H, W)
+            pred = predicted_labels(probs)  # (B, H, W)
             u = plop_uncertainty(probs, ctx.num_seen)  # (B, H, W)
             # PLOP find_median: only pixels labelled background (labels == 0).
             bg = batch.label == BACKGROUND
@@ -134,7 +135,7 @@ class PLOP(Method):
                                f"call on_step_start(model, old_model, loader, ctx) first")
         label = batch.label
         probs = F.softmax(old.logits[:, : ctx.num_old].float(), dim=1)  # (B, C_old, H, W)
-        pseudo = probs.argmax(dim=1)  # (B, H, W)
+        pseudo = predicted_labels(probs)  # (B, H, W)
         u = plop_uncertainty(probs, ctx.num_seen)  # (B, H, W)
         confident = u < self.thresholds.to(u.device)[pseudo]  # (B, H, W)
         # PLOP masks labels < old_classes, which are the label-0 pixels in its disjoint/overlapped

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.methods.mib import MiB
+from ciss.metrics import predicted_labels
 from ciss.types import BACKGROUND, Batch, SegOutput, StepContext, Targets
 
 
@@ -257,7 +258,7 @@ class SDR(MiB):
         """
         # SDR loss.py DistillationEncoderPrototypesLoss: argmax of the old outputs at full resolution,
         # brought to feature size by nearest neighbour, on the background pixels.
-        pred = nearest(old.logits[:, : ctx.num_old].argmax(dim=1), tuple(label.shape[-2:]))
+        pred = nearest(predicted_labels(old.logits[:, : ctx.num_old]), tuple(label.shape[-2:]))
         kept = torch.where(label < ctx.num_old, label, torch.zeros_like(label))  # new classes, IGNORE -> 0
         return torch.where(label == BACKGROUND, pred, kept)
 

@@ -6,7 +6,8 @@ from .deeplab import ASPPHead
 from .parallel import ParallelConvBN, add_parallel_branches, fold_parallel_branches, merge_parallel_branches
 from .efficientnet_lite import EfficientNetLite0, EfficientNetLite0Classifier
 from .resnet import ResNet
-from .segmenter import Segmenter, build_segmenter, set_bn_eval
+from .fusion import fold_bn, inference_copy
+from .segmenter import Segmenter, build_segmenter, freeze_early, set_bn_eval
 from .tiny import TinyBackbone
 
 __all__ = [
@@ -23,7 +24,10 @@ __all__ = [
     "build_backbone",
     "build_segmenter",
     "check_state_dict",
+    "fold_bn",
     "fold_parallel_branches",
+    "freeze_early",
+    "inference_copy",
     "list_backbones",
     "load_weights",
     "merge_parallel_branches",

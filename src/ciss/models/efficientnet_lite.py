@@ -33,8 +33,9 @@ LITE0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
 )
 LITE0_BLOCKS_OUT = [cout for repeats, _, _, _, _, cout in LITE0_BLOCKS for _ in range(repeats)]
 
-# The last stage ends with the pretrained 320->1280 head conv: its pretrained features cost +4% backbone
-# forward and +17..31% per DeepLab train step (ASPP on 1280 ch) on 2 CPU threads, batch 8, 256-320 px.
+# Whether the last stage ends with the pretrained 320->1280 head conv. The registry offers both:
+# "efficientnet_lite0" with it, "efficientnet_lite0_headless" without (ASPP then reads 320 channels:
+# 1.19x faster training, benchmarks/results/train_speed.md).
 INCLUDE_HEAD_DEFAULT = True
 
 
@@ -104,6 +105,10 @@ class ConvBNAct(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.act: nn.Module = nn.ReLU6(inplace=True) if act else nn.Identity()
 
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """The conv-BN pair of forward (``ciss.models.fusion`` folds it for inference)."""
+        return [("conv", "bn")]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
 
@@ -142,11 +147,11 @@ class EfficientNetLite0(nn.Module):
     ends with the network's pretrained 1x1 head conv (320 -> 1280), or at 320 with include_head=False.
     """
 
-    name = "efficientnet_lite0"
     valid_output_strides = (8, 16, 32)
 
     def __init__(self, output_stride: int = 16, include_head: bool = INCLUDE_HEAD_DEFAULT) -> None:
         super().__init__()
+        self.name = "efficientnet_lite0" if include_head else "efficientnet_lite0_headless"
         if output_stride not in self.valid_output_strides:
             raise ValueError(
                 f"{self.name}: output_stride must be one of {self.valid_output_strides}, got {output_stride}"
@@ -194,6 +199,14 @@ class EfficientNetLite0(nn.Module):
         if self.head is not None:
             stages[-1] = self.head(stages[-1])
         return stages
+
+    def early_modules(self, max_stride: int) -> list[nn.Module]:
+        """The stem and the blocks of every stage whose output stride is at most ``max_stride``."""
+        last = -1
+        for end, stride in zip(self._stage_ends, self.strides):
+            if stride <= max_stride and end != self._stage_ends[-1]:
+                last = end
+        return [self.stem, *self.blocks[: last + 1]] if max_stride >= 2 else []
 
     def branch_points(self) -> list[tuple[nn.Module, str, str]]:
         """The depthwise kxk conv-BN of every block: the blocks' only spatial conv, as the 3x3 is in the

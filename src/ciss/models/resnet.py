@@ -51,6 +51,10 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """The conv-BN pairs of forward (``ciss.models.fusion`` folds them for inference)."""
+        return [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
@@ -126,6 +130,17 @@ class ResNet(nn.Module):
         c3 = self.layer3(c2)
         c4 = self.layer4(c3)
         return [c1, c2, c3, c4]
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        return [("conv1", "bn1")]
+
+    def early_modules(self, max_stride: int) -> list[nn.Module]:
+        """The stem (conv1, bn1) and the layers whose output stride is at most ``max_stride`` (never
+        the last): detectron2's ``freeze_at=2`` is ``max_stride=4``."""
+        if max_stride < 4:
+            return [self.conv1, self.bn1] if max_stride >= 2 else []
+        layers = [self.layer1, self.layer2, self.layer3][: sum(s <= max_stride for s in self.strides[:3])]
+        return [self.conv1, self.bn1, *layers]
 
     def branch_points(self) -> list[tuple[nn.Module, str, str]]:
         """The 3x3 conv-BN of every bottleneck (where RCIL puts its parallel branch)."""

@@ -60,7 +60,10 @@ class Segmenter(nn.Module):
         stages = self.backbone(x)  # shallow to deep, each (B, C_i, H_i, W_i)
         head = self.head(stages[-1])  # (B, D, h, w)
         logits_lowres = self.classifier(head)  # (B, C, h, w)
-        logits = F.interpolate(logits_lowres, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # Upsampled from a contiguous (NCHW) map: losses and argmax over the class dimension run
+        # faster on it than on channels-last logits (benchmarks/results/train_speed.md).
+        logits = F.interpolate(logits_lowres.contiguous(), size=x.shape[-2:], mode="bilinear",
+                               align_corners=False)
         return SegOutput(
             logits=logits,  # (B, C, H, W)
             features={"stages": stages, "head": head, "logits_lowres": logits_lowres},
@@ -106,6 +109,23 @@ def build_segmenter(
     if parallel_branches:
         add_parallel_branches(model)
     return model
+
+
+def freeze_early(model: Segmenter, max_stride: int) -> int:
+    """Stop gradients to the backbone's stem and to its stages of output stride <= ``max_stride`` (0:
+    none), so that backward never runs through the high-resolution layers, as detectron2's
+    ``freeze_at`` does. Their BN layers still normalise with batch statistics. Returns how many
+    parameters it froze."""
+    if not max_stride:
+        return 0
+    early = getattr(model.backbone, "early_modules", None)
+    if not callable(early):
+        raise TypeError(f"backbone {type(model.backbone).__name__} declares no early_modules(); use "
+                        "model.frozen_stride=0 with it")
+    params = [p for m in early(max_stride) for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(False)
+    return len(params)
 
 
 def set_bn_eval(module: nn.Module, freeze_affine: bool = False) -> int:

@@ -49,6 +49,10 @@ class TinyBackbone(nn.Module):
         self.out_channels = list(channels)
         self.strides = [min(2 ** (i + 1), output_stride) for i in range(len(channels))]
 
+    def early_modules(self, max_stride: int) -> list[nn.Module]:
+        """The stages whose output stride is at most ``max_stride`` (never the last)."""
+        return [st for st, s in zip(self.stages[:-1], self.strides) if s <= max_stride]
+
     def branch_points(self) -> list[tuple[nn.Module, str, str]]:
         """Every conv-BN (each is 3x3)."""
         return [(unit, "0", "1") for stage in self.stages for unit in stage]
