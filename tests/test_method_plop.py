@@ -87,6 +87,22 @@ def test_pod_loss_zero_for_identical_features_and_logits_merge():
     torch.testing.assert_close(plop.pod_loss(new, old, CTX), expected)
 
 
+def test_without_logits_the_decoder_output_takes_the_last_map_factor():
+    # PLOP's pod_options switch.after factor (0.0005) goes to the last distilled map: the decoder
+    # output when the logits are not distilled (pod_logits=False), not the stages' 0.01.
+    torch.manual_seed(0)
+    stages = [torch.randn(2, 4, 8, 8)]
+    head = torch.randn(2, 6, 4, 4)
+    low = torch.randn(2, 3, 4, 4)
+    old = SegOutput(torch.zeros(2, 3, 8, 8), {"stages": stages, "head": head, "logits_lowres": low})
+    new = SegOutput(torch.zeros(2, 5, 8, 8), {"stages": [stages[0] + 1], "head": head + 2,
+                                              "logits_lowres": torch.cat([low, low[:, :2]], 1)})
+    plop = build_method("plop", pod_logits=False)
+    expected = (0.01 * local_pod_distance(stages[0], stages[0] + 1)
+                + 0.0005 * local_pod_distance(head, head + 2)) * math.sqrt(5 / 2) / 2
+    torch.testing.assert_close(plop.pod_loss(new, old, CTX), expected)
+
+
 def tiny_setup():
     torch.manual_seed(0)
     old = build_segmenter("tiny", classes_per_step=(3,), head_channels=16).eval()

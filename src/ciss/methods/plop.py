@@ -54,7 +54,8 @@ class PLOP(Method):
 
     # PLOP argparser.py 'PLOP': pod_factor 0.01 for the backbone stages and the decoder output ...
     pod_factor: float = 0.01
-    # ... and pod_options switch.after factor 0.0005 for the last map, the low-res logits (pod_logits).
+    # ... and pod_options switch.after factor 0.0005 for the last map: the low-res logits (pod_logits),
+    # or without them the decoder output.
     pod_logits_factor: float = 0.0005
     pod_logits: bool = True
     # PLOP argparser.py --spp_scales default [1, 2, 4].
@@ -164,16 +165,19 @@ class PLOP(Method):
 
     def pod_loss(self, out: SegOutput, old: SegOutput, ctx: StepContext) -> torch.Tensor:
         # PLOP defaults pod_apply="all" and pod_deeplab_mask=False: every map, no background mask.
-        # PLOP attentions: every backbone stage (pre-activation in its ResNet; our stages are the
-        # post-activation outputs), then the decoder output, then the low-res logits (pod_logits).
+        # PLOP attentions: every backbone stage (pre-activation in its ResNet; EfficientNet-Lite0's
+        # stages end with the blocks' linear projections, and with the 1280-channel head conv of
+        # "efficientnet_lite0" the last one is post-ReLU6), then the decoder output, then the low-res
+        # logits (pod_logits).
         new_maps = [*out.features["stages"], out.features["head"]]
         old_maps = [*old.features["stages"], old.features["head"]]
-        factors = [self.pod_factor] * len(new_maps)
         if self.pod_logits:
             new_maps.append(merge_new_into_background(
                 out.features["logits_lowres"][:, : ctx.num_seen], ctx.num_old))
             old_maps.append(old.features["logits_lowres"][:, : ctx.num_old])
-            factors.append(self.pod_logits_factor)
+        # PLOP pod_options switch.after: its factor goes to the last map of the list, the logits,
+        # or the decoder output when the logits are not distilled.
+        factors = [self.pod_factor] * (len(new_maps) - 1) + [self.pod_logits_factor]
         # PLOP features_distillation: sqrt(nb_current_classes / nb_new_classes) on every layer.
         schedule = math.sqrt(ctx.num_seen / ctx.num_new) if self.pod_schedule else 1.0
         total = sum(f * local_pod_distance(o, n, self.spp_scales)
