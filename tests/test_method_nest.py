@@ -169,11 +169,20 @@ def test_similarity_init_matches_its_definition():
     torch.testing.assert_close(counts, n_ref)
     torch.testing.assert_close(imp, ref / n_ref[:, None, None], atol=1e-5, rtol=1e-4)
 
+    fresh = model.classifier.convs[-1].bias.detach()[0].clone()  # PyTorch's default init
     nest = build_method("nest")
     nest.on_step_start(model, old, batches, CTX)
     torch.testing.assert_close(nest.transform.importance.detach(), imp)
     torch.testing.assert_close(nest.transform.projection.detach(), imp.sum(-1).softmax(-1))
-    torch.testing.assert_close(nest.transform.bias.detach(), old.classifier.convs[0].bias[0].repeat(2).detach())
+    # the official code's run-time new bias: one fresh-conv value, repeated (not the old background's)
+    torch.testing.assert_close(nest.transform.bias.detach(), fresh.repeat(2))
+    assert abs(float(fresh)) <= 1 / 16 ** 0.5  # U(-1/sqrt(D), 1/sqrt(D)), D = 16 head channels
+    assert not torch.equal(fresh, old.classifier.convs[0].bias[0].detach())
+    bg = build_method("nest", new_bias="background")
+    bg.on_step_start(model, old, batches, CTX)
+    torch.testing.assert_close(bg.transform.bias.detach(), old.classifier.convs[0].bias[0].repeat(2).detach())
+    with pytest.raises(ValueError, match="new_bias"):
+        build_method("nest", new_bias="zero")
 
 
 def test_uniform_and_random_inits():

@@ -27,6 +27,7 @@ from ciss.types import Batch, SegOutput, StepContext, Targets
 PRETUNE = "pretune"
 INITS = ("similarity", "uniform", "random")
 PRETUNE_LOSSES = ("unce", "base")
+NEW_BIASES = ("fresh", "background")
 
 
 def _distributed() -> bool:
@@ -144,6 +145,12 @@ class NeST(Wrapper):
     freeze_old_classifiers: bool = False
     # ECCV24_NeST train.py select(): similarity measured on 128x128 resized maps.
     similarity_size: int = 128
+    # Where the new biases start. "fresh": one value of a freshly initialised classifier conv
+    # (PyTorch's default init), repeated, which is what the official code runs with: its new_bias is
+    # taken from cls[0].bias[0] when the model is built, before the previous step's weights are
+    # loaded, and no checkpoint holds it. "background": the old model's trained background bias,
+    # repeated, which that code's comment intends.
+    new_bias: str = "fresh"
 
     # State, not hyperparameters.
     transform: Optional[ClassifierTransform] = field(default=None, init=False, repr=False, compare=False)
@@ -158,6 +165,8 @@ class NeST(Wrapper):
             raise ValueError(f"NeST init must be one of {INITS}, got '{self.init}'")
         if self.pretune_loss not in PRETUNE_LOSSES:
             raise ValueError(f"NeST pretune_loss must be one of {PRETUNE_LOSSES}, got '{self.pretune_loss}'")
+        if self.new_bias not in NEW_BIASES:
+            raise ValueError(f"NeST new_bias must be one of {NEW_BIASES}, got '{self.new_bias}'")
         if self.pretune_epochs < 0:
             raise ValueError(f"NeST pretune_epochs must be >= 0, got {self.pretune_epochs}")
 
@@ -197,8 +206,10 @@ class NeST(Wrapper):
         else:
             importance = nn.init.kaiming_normal_(torch.empty(n, c, d), mode="fan_out")
             projection = nn.init.kaiming_normal_(torch.empty(n, c), mode="fan_out")
-        # New biases start from the old background bias (ECCV24_NeST: cls[0].bias[0] repeated).
-        bias = convs[0].bias.detach()[0].float().repeat(n)
+        if self.new_bias == "background":
+            bias = convs[0].bias.detach()[0].float().repeat(n)
+        else:  # the step's new conv is fresh here (NeST skips the base's init): one of its values
+            bias = model.classifier.convs[-1].bias.detach()[:1].float().repeat(n)
         bg = (torch.ones(d), torch.ones(1)) if self.transform_background else (None, None)
         transform = ClassifierTransform(importance.cpu(), projection.cpu(), bias.cpu(), *bg)
         if _distributed():  # the random init must not differ between ranks
