@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ciss.losses import prediction_entropy, soft_relation_distillation
+from ciss.losses import cross_entropy, prediction_entropy, soft_relation_distillation
 from ciss.methods import build_method
 from ciss.methods.gsc import prototype_agreement, step_aware_weights
 from ciss.models import build_segmenter
-from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext
+from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext, Targets
 
 CTX = StepContext(step=1, classes_per_step=(3, 2), num_steps=2)
 
@@ -129,6 +129,48 @@ def test_each_switch_removes_its_term():
     got = gsc.loss(out, t0, old_out, b, CTX)
     want = gsc.base.loss(out, plop_t, old_out, b, CTX)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("method,base", [("gsc", "mib"), ("gsc_rcil", None)])
+def test_eq6_is_a_ce_on_the_pseudo_labels_over_an_unbiased_ce_base(method, base):
+    # Over MiB's (or RCIL's) unbiased CE, old-class pseudo-labels would fold into background: the
+    # loss would not see them. GSC's eq. 6 is a plain CE on its targets, so they must count.
+    if method == "gsc_rcil":
+        torch.manual_seed(0)
+        old = build_segmenter("tiny", classes_per_step=(3,), head_channels=16, parallel_branches=True).eval()
+        with torch.no_grad():
+            old.classifier.convs[0].weight.mul_(30)
+        model = copy.deepcopy(old)
+        model.add_step(2)
+        batches = [Batch(image=torch.randn(2, 3, 32, 32), label=torch.randint(0, 5, (2, 32, 32)) * (i % 2))
+                   for i in range(3)]
+        gsc = build_method(method)
+    else:
+        old, model, batches = tiny_setup()
+        gsc = build_method(method, base=base)
+    with torch.no_grad():  # the old model votes for old class 1 often, so some pseudo-labels are 1
+        old.classifier.convs[0].bias[1] += 3.0
+    model = copy.deepcopy(old)
+    model.add_step(2)
+    assert gsc.base.unbiased_ce is False
+    gsc.init_new_classifiers(model, old, CTX)
+    gsc.on_step_start(model, old, batches, CTX)
+    model.train()
+    b = batches[1]
+    out = model(b.image)
+    with torch.no_grad():
+        old_out = old(b.image)
+    t = gsc.make_targets(b, out, old_out, CTX)
+    pseudo = t.extra["pseudo_mask"] & (t.label > 0) & (t.label < CTX.num_old)
+    assert pseudo.any(), "the test needs old-class pseudo-labels"
+    terms = gsc.loss(out, t, old_out, b, CTX)
+    logits = out.logits[:, : CTX.num_seen]
+    torch.testing.assert_close(terms["ce"], cross_entropy(logits, t.label, t.weight))
+    as_background = Targets(label=torch.where(pseudo, torch.zeros_like(t.label), t.label),
+                            weight=t.weight, extra=t.extra)
+    assert not torch.allclose(gsc.loss(out, as_background, old_out, b, CTX)["loss"], terms["loss"])
+    # without PR the base keeps its own unbiased CE
+    assert build_method(method, **({"base": base} if base else {}), pr=False).base.unbiased_ce is True
 
 
 def test_finite_loss_gradients_and_pr_labels_on_a_tiny_model():

@@ -113,6 +113,13 @@ class GSC(Wrapper):
     # to 1e-4.
     median_bins: int = 10_000
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Eq. 6 is a CE on the PR targets, whose background pixels carry old classes: a base with
+        # MiB's unbiased CE (mib, rcil) would fold them back into background, so it gets a plain CE.
+        if self.pr and getattr(self.base, "unbiased_ce", False):
+            self.base.unbiased_ce = False  # type: ignore[attr-defined]
+
     # State, not hyperparameters: prototypes / thresholds of the step they were computed for.
     prototypes: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
     proto_valid: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)

@@ -42,6 +42,9 @@ class MiB(Method):
     # MiB argparser.py --alpha default 1.0: multiplies the teacher's logits only.
     alpha: float = 1.0
     init_balanced: bool = True
+    # The unbiased CE (old classes' probabilities folded into background on background-labelled
+    # pixels); False: a plain CE on the targets, which GSC sets for its pseudo-labels of old classes.
+    unbiased_ce: bool = True
 
     def init_new_classifiers(self, model: nn.Module, old_model: nn.Module, ctx: StepContext) -> None:
         if self.init_balanced:
@@ -55,7 +58,10 @@ class MiB(Method):
             return {"loss": ce, "ce": ce}
         # MiB averages the CE over all pixels (ignored ones count as 0); we keep the toolkit's mean over
         # valid pixels, as every method here does.
-        unce = unbiased_cross_entropy(logits, targets.label, ctx.num_old, targets.weight)
         unkd = self.loss_kd * unbiased_knowledge_distillation(logits, old.logits[:, : ctx.num_old],
                                                               self.alpha)
+        if not self.unbiased_ce:
+            ce = cross_entropy(logits, targets.label, targets.weight)
+            return {"loss": ce + unkd, "ce": ce, "unkd": unkd}
+        unce = unbiased_cross_entropy(logits, targets.label, ctx.num_old, targets.weight)
         return {"loss": unce + unkd, "unce": unce, "unkd": unkd}

@@ -109,8 +109,9 @@ class RCIL(MiB):
 
 @dataclass
 class GSCRCIL(GSC):
-    """GSC plugged onto RCIL (the GSC paper's Table VIII): GSC's targets and weights go to RCIL's
-    unbiased CE, whose pooled cube distillation stands in for PLOP's pooling distillation (eq. 13)."""
+    """GSC plugged onto RCIL (the GSC paper's Table VIII): GSC's targets and weights go to a plain CE
+    (eq. 6; RCIL's unbiased CE would fold the old-class pseudo-labels into background), RCIL's pooled
+    cube distillation stands in for PLOP's pooling distillation (eq. 13)."""
 
     name = "gsc_rcil"
     base: Method = field(default_factory=RCIL)
