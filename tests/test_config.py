@@ -31,3 +31,16 @@ def test_round_trip_through_dict():
     cfg = load_config(None, ["method=joint", "seed=3"], recipe="tiny")
     again = from_dict(to_dict(cfg))
     assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "1.0e-3", "0.001", ".001", "1e-03"])
+def test_every_float_notation_is_a_float(tmp_path, text):
+    assert load_config(None, [f"optim.lr={text}"]).optim.lr == pytest.approx(0.001)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"optim:\n  weight_decay: {text}\n")
+    assert load_config(f).optim.weight_decay == pytest.approx(0.001)
+
+
+def test_a_float_key_refuses_words():
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'abc'"):
+        load_config(None, ["optim.lr=abc"])

@@ -134,6 +134,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         return value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot, no exponent sign) as a string: accept every float notation
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if typ in (int, float, str, bool) and not isinstance(value, typ):
         raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
     if typ is int and isinstance(value, bool):
