@@ -18,7 +18,7 @@ from ciss.calibration import (
     tradeoff_curve,
 )
 from ciss.metrics import ConfusionMatrix
-from ciss.results import load_checkpoint
+from ciss.results import RunDir, load_checkpoint
 from ciss.types import IGNORE, Batch, StepContext
 
 # 3 old classes (background, 1, 2) then 2 new ones (3, 4): absent U = {1, 2}, S = {0, 3, 4}.
@@ -147,7 +147,7 @@ def test_training_with_calibration_records_raw_and_calibrated_figures(tiny_cfg):
     from ciss.engine import train
 
     res = train(tiny_cfg("calibration=alg,pcv,sweep"))
-    rows = [json.loads(l) for l in (res.run_dir / "results.jsonl").read_text().splitlines()]
+    rows = RunDir(res.run_dir, create=False).read_jsonl("results.jsonl")
     assert "calibrated" not in rows[0]  # nothing is absent after step 0
     cal = rows[1]["calibrated"]
     assert set(cal) == {"alg", "pcv"}
@@ -180,7 +180,7 @@ def test_posthoc_eval_fits_stores_and_never_touches_weights(tiny_cfg):
     base = set(load_checkpoint(res.run_dir / "ckpt" / "step-0.pt")["probe"]["ncm"])
     assert 0 in base and base <= set(range(5))  # step 0's classes (a rare one may have no pixel)
     assert (res.run_dir / "calibration" / "sweep.png").stat().st_size > 1000
-    rows = [json.loads(l) for l in (res.run_dir / "posthoc.jsonl").read_text().splitlines()]
+    rows = RunDir(res.run_dir, create=False).read_jsonl("posthoc.jsonl")
     assert [r["step"] for r in rows] == [0, 1] and "ncm" in rows[1] and "alg" in rows[1]["calibrated"]
     # a second evaluation reuses the stored gamma instead of fitting again
     gamma = after["calibration"]["alg"]["gamma"]

@@ -40,6 +40,13 @@ def test_train_eval_predict(tmp_path, capsys):
     overlay = Image.open(tmp_path / "pred" / "a_overlay.png")
     assert overlay.size[0] > 48 and overlay.size[1] >= 40  # image plus legend
 
+    # two inputs of one stem are refused before anything is written, never overwritten silently
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "b" / "a.png")
+    assert main(["predict", str(run), str(img), str(tmp_path / "b" / "a.png"), "--out", str(tmp_path / "p2")]) == 2
+    assert "would both be written as" in capsys.readouterr().err
+    assert not (tmp_path / "p2").exists()
+
 
 def test_bad_input_gives_message_not_traceback(tmp_path, capsys):
     assert main(["train", "--set", "optim.nope=1"]) == 2

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ciss.config import ConfigError, load_config, stable_hash, to_dict
 from ciss.engine import peak_rss_mb, train
-from ciss.results import LockHeld, RunDir, exclusive, git_sha, kept_wall_time
+from ciss.results import LockHeld, RunDir, dumps, exclusive, git_sha, kept_wall_time
 
 
 class RunsFailed(Exception):
@@ -197,7 +197,7 @@ def _run_parallel(todo: list, out: Path, recipe: Optional[str], jobs: int, rows_
             if rc != 0 or not (run_dir / "summary.json").is_file():
                 failed.append(f"{cfg.name} (exit {rc}, log {log})")
             else:
-                summary = json.loads((run_dir / "summary.json").read_text())
+                summary = RunDir(run_dir, create=False).read_summary()
                 config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
                 _append(rows_path, _rows(cfg.name, config, point, run_dir, sha, time.time() - t0,
                                          {"process_peak_rss_mb": summary.get("peak_rss_mb")}))
@@ -224,4 +224,4 @@ def _check_found(run_dir: Path, config: dict[str, Any], point: dict[str, Any]) -
 def _append(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "a") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(dumps(r) + "\n")

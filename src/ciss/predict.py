@@ -94,6 +94,12 @@ class Predictor:
 
     def predict_files(self, paths: Sequence[str | Path], out: str | Path) -> list[Path]:
         out = Path(out)
+        stems: dict[str, Path] = {}
+        for p in map(Path, paths):  # two inputs of one stem would write the same two files
+            if p.stem in stems:
+                raise ValueError(f"{stems[p.stem]} and {p} would both be written as {out / p.stem}.png; "
+                                 "predict them into separate --out folders or rename one")
+            stems[p.stem] = p
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for p in paths:

@@ -49,8 +49,7 @@ def load_run(path: str | Path) -> RunRecord:
     rows = [r for _, r in sorted(run.step_results().items()) if "iou" in r]
     if not rows:
         raise FileNotFoundError(f"{path}: no evaluated step yet; train (or evaluate) first")
-    summary_path = run.path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = run.read_summary()
     data = cfg.get("data") or {}
     task = data.get("task")
     task = task if isinstance(task, str) else f"custom {len(task)} steps"
@@ -320,7 +319,7 @@ def plot_sweeps(group: str, by_method: dict[str, list[RunRecord]], path: Path) -
         posthoc = rs[0].path / "posthoc.jsonl"
         if not posthoc.is_file():
             continue
-        rows = [json.loads(line) for line in posthoc.read_text().splitlines()]
+        rows = RunDir(rs[0].path, create=False).read_jsonl("posthoc.jsonl")
         swept = [r for r in rows if "sweep" in r]
         if swept:
             last = max(swept, key=lambda r: r["step"])

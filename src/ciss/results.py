@@ -157,7 +157,7 @@ class RunDir:
 
     def append_jsonl(self, name: str, record: dict) -> None:
         with open(self.path / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps(record) + "\n")
             f.flush()
 
     def read_jsonl(self, name: str) -> list[dict]:
@@ -168,7 +168,7 @@ class RunDir:
         for line in p.read_text().splitlines():
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(loads(line))
                 except json.JSONDecodeError:
                     break  # a line cut by a crash: everything before it is valid
         return rows
@@ -188,7 +188,53 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         """summary.json: the final figures (wall_time_s: this invocation; run_wall_time_s: all of them)."""
-        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(self.path / "summary.json", dumps(summary, indent=2))
+
+    def read_summary(self) -> dict:
+        """summary.json with its figures' nulls read back as NaN ({} when there is none)."""
+        p = self.path / "summary.json"
+        return loads(p.read_text()) if p.is_file() else {}
+
+
+# Figures that are NaN when undefined (mIoU of no class, IoU of a class absent from both maps). JSON
+# has no NaN: they are written as null and read back as NaN. Infinities (the ends of a calibration
+# sweep's gamma grid) are written as the strings "Infinity" / "-Infinity" and read back as floats.
+_NAN_KEYS = ("miou_old", "miou_new", "miou_all", "iou", "forgetting", "miou_s", "miou_u", "ausuc")
+_INFINITIES = {"Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        if obj != obj:
+            return None
+        return obj if abs(obj) != float("inf") else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _nan_back(obj: Any, key: str = "") -> Any:
+    if obj is None and key in _NAN_KEYS:
+        return float("nan")
+    if isinstance(obj, str) and obj in _INFINITIES:
+        return _INFINITIES[obj]
+    if isinstance(obj, dict):
+        return {k: _nan_back(v, k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_back(v, key) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON (NaN and infinities written as null), readable by any JSON reader."""
+    return json.dumps(_json_safe(obj), allow_nan=False, **kw)
+
+
+def loads(text: str) -> Any:
+    """JSON written by ``dumps`` (or by older runs, with bare NaN), the figures' nulls as NaN."""
+    return _nan_back(json.loads(text))
 
 
 def kept_wall_time(rows: list[dict]) -> float:

@@ -55,7 +55,11 @@ def prototype_matching(features: torch.Tensor, label: torch.Tensor, prototypes: 
     if not bool(present.any()):
         return features.new_zeros(())
     # SDR loss.py DistillationEncoderPrototypesLoss with loss_de_prototypes_sumafter: MSE(mean, proto)
-    # averaged over the present classes.
+    # averaged over the present classes. There (LTTM/SDR 8638296, loss.py L501) the masked (B, C, h, w)
+    # features are .view(-1, C)'d without a permute, so a row mixes channels and pixels and the "class
+    # mean" is near a constant vector; here it is the per-channel mean of the class's pixels, the
+    # paper's Eq. for prototype matching. Its running prototypes (train.py L474, .view(C, -1)) mix
+    # channels when a class spans several images of a batch; ours are per-channel sums.
     return (means[present] - prototypes[present]).pow(2).mean(dim=1).mean()
 
 
