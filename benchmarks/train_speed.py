@@ -1,12 +1,14 @@
 """Training and evaluation speed of the `cpu` recipe's default against the default before it, timed
 interleaved in one process on the same batches.
 
-    old: EfficientNet-Lite0 with its 320->1280 head conv (ASPP on 1280 channels), every layer trained,
-         images decoded and resized every epoch, loss terms read every iteration; evaluation in
-         no_grad with BN as separate layers and argmax(1).
-    new: the defaults (`model.backbone=efficientnet_lite0_headless`, `model.frozen_stride=4`,
-         `data.image_cache=true`), the engine's loop (losses summed on the device) and its evaluation
-         (inference copy with BN folded, inference_mode, max(1).indices).
+    old: EfficientNet-Lite0 with its 320->1280 head conv, ASPP on its 1280 channels, every layer
+         trained, images decoded and resized every epoch, loss terms read every iteration;
+         evaluation in no_grad with BN as separate layers, argmax(1), images of a dataset at their
+         own size one at a time (`--set model.frozen_stride=0 --set model.head_reduce=0
+         --set data.image_cache=false`).
+    new: the `cpu` recipe (`model.frozen_stride=4`, `model.head_reduce=320`, `data.image_cache=true`),
+         the engine's loop (losses summed on the device) and its evaluation (inference copy with BN
+         folded, inference_mode, max(1).indices, batches of equal-size images).
 
 Each iteration is timed from fetching the batch (loading, augmentation) to the optimiser step;
 evaluation per image, over the first images of the split, from fetching them to the confusion-matrix
@@ -42,7 +44,7 @@ from ciss.models import inference_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 CCP21 = ROOT.parent / "shared" / "datasets" / "ccp21"
-OLD = ["model.backbone=efficientnet_lite0", "model.frozen_stride=0", "data.image_cache=false"]
+OLD = ["model.frozen_stride=0", "model.head_reduce=0", "data.image_cache=false"]
 
 
 def generated_folder(root: Path, n: int = 96) -> Path:

@@ -3,24 +3,27 @@
 # overlapped (background + classes 1-15, the `cpu` recipe's 5 epochs; step 0 of 15-5, whose step 1 is
 # cut to one epoch and not read), trained on train:fit and
 # evaluated on train:holdout (ccp21's val split, its test split, is not read), for the default before
-# ("old"), the new default ("new") and the new default at output stride 32 ("os32"), seeds 0 and 1;
-# "headless" and "frozen" take one lever of the new default each.
+# ("old": Lite0 with its 1280-channel head conv, ASPP on it, every layer trained), the new default
+# ("new": the same with the stem and stride-2/4 stages frozen and ASPP on a 1x1 reduction to 320
+# channels), and single levers: "frozen" (freezing only), "headless" (ASPP on the last block's 320
+# channels, no head conv), "headless_frozen", "os32" (headless_frozen at output stride 32).
 #
-#   [SEEDS="0 1"] [VARIANTS="old new os32"] bash benchmarks/train_speed_guard.sh [OUT_DIR]     # then: ciss report OUT_DIR/* or read results.jsonl
+#   [SEEDS="0 1"] [VARIANTS="old new"] bash benchmarks/train_speed_guard.sh [OUT_DIR]     # then: ciss report OUT_DIR/* or read results.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/speed_guard}
 DATA=${CCP21:-../shared/datasets/ccp21}
 CISS=${CISS:-.venv/bin/ciss}
 declare -A VARIANT=(
-  [old]="--set model.backbone=efficientnet_lite0 --set model.frozen_stride=0 --set data.image_cache=false"
+  [old]="--set model.frozen_stride=0 --set model.head_reduce=0 --set data.image_cache=false"
   [new]=""
-  [os32]="--set model.output_stride=32"
-  [headless]="--set model.frozen_stride=0"
-  [frozen]="--set model.backbone=efficientnet_lite0"
+  [frozen]="--set model.head_reduce=0"
+  [headless]="--set model.backbone=efficientnet_lite0_headless --set model.head_reduce=0 --set model.frozen_stride=0"
+  [headless_frozen]="--set model.backbone=efficientnet_lite0_headless --set model.head_reduce=0"
+  [os32]="--set model.backbone=efficientnet_lite0_headless --set model.head_reduce=0 --set model.output_stride=32"
 )
 for seed in ${SEEDS:-0 1}; do
-  for v in ${VARIANTS:-old new os32}; do
+  for v in ${VARIANTS:-old new}; do
     # shellcheck disable=SC2086
     "$CISS" train --recipe cpu --set data.dataset=folder --set data.root="$DATA" \
       --set data.train_split=train:fit --set data.test_split=train:holdout \

@@ -218,3 +218,20 @@ def test_holdout_split_is_a_fixed_fifth_of_the_ids(tmp_path):
     assert set(build_dataset("folder", "big:holdout", root).ids) == {i for i in hold if i in ids[:300]}
     with pytest.raises(DataError, match="train:holdout"):
         build_dataset("folder", "big:test", root)
+
+
+def test_head_reduce_narrows_the_aspp_input_and_round_trips():
+    model = build_segmenter("tiny", head_channels=16, classes_per_step=(3, 2), head_reduce=8)
+    assert model.head.reduce is not None and model.head.branches[0][0].in_channels == 8
+    config = model.config()
+    assert config["head_reduce"] == 8
+    again = build_segmenter(**config)
+    again.load_state_dict(model.state_dict(), strict=True)
+    assert "head_reduce" not in build_segmenter("tiny", head_channels=16).config()  # unset: as before
+    _randomise_bn(model)
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x).logits
+        got = inference_copy(model)(x).logits
+    assert (want - got).abs().max() <= 1e-4 * want.abs().max()

@@ -26,13 +26,20 @@ DEMO_SETTINGS = [
 # Per-method settings the demo's step size needs. EWC's Nesterov SGD on the normalised Fisher diverges
 # once lr_next > 0.68 / reg_importance (ciss.methods.ewc); the tiny recipe's lr_next 0.01 needs < 68.
 DEMO_METHOD_ARGS = {"ewc": ["method_args={reg_importance: 50}"]}
+# Registered names that are another name's method with its defaults: trained once, under that name.
+SAME_AS = {"nest": "nest_mib"}  # NeST's default base is MiB
+
+
+def demo_methods() -> list[str]:
+    """The methods `ciss demo` trains by default: every registered one, each once."""
+    return [m for m in list_methods() if m not in SAME_AS]
 
 
 def run_demo(out_dir: str | Path = "runs/demo", methods: Optional[Sequence[str]] = None,
              extra: Sequence[str] = ()) -> dict[str, object]:
     """Trains each method on the same scenario and prints one table row per method."""
     out = Path(out_dir)
-    methods = list(methods) if methods else list_methods()
+    methods = list(methods) if methods else demo_methods()
     results = {}
     t0 = time.time()
     for name in methods:

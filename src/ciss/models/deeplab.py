@@ -55,8 +55,15 @@ class ASPPHead(nn.Module):
         rates: Sequence[int] | None = None,
         output_stride: int = 16,
         dropout: float = 0.1,
+        reduce: int = 0,
     ) -> None:
         super().__init__()
+        # reduce > 0: a 1x1 conv-BN-ReLU first brings the input to `reduce` channels, so that the
+        # pyramid's 3x3 convs read a narrow map (EfficientNet-Lite0's 1280-channel head output costs
+        # them 4x its 320-channel last block; benchmarks/results/train_speed.md).
+        self.reduce = _conv_bn_relu(in_channels, reduce, 1) if reduce else None
+        self.in_reduce = int(reduce)
+        in_channels = reduce or in_channels
         if rates is None:
             if output_stride not in DEFAULT_RATES:
                 raise ValueError(
@@ -85,6 +92,8 @@ class ASPPHead(nn.Module):
         return [(branch, "0", "1") for branch in self.branches]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, h, w) -> (B, channels, h, w)
+        if self.reduce is not None:
+            x = self.reduce(x)  # (B, reduce, h, w)
         pyramid = [branch(x) for branch in self.branches] + [self.pooling(x)]
         y = self.project(torch.cat(pyramid, dim=1))  # (B, channels, h, w)
         return self.refine(self.dropout(y))

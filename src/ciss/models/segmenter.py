@@ -85,6 +85,8 @@ class Segmenter(nn.Module):
             "classes_per_step": list(self.classes_per_step),
             "num_extra": self.num_extra,
         }
+        if self.head.in_reduce:  # only when set, so models without it keep their config
+            config["head_reduce"] = self.head.in_reduce
         if parallel_modules(self):  # only when present, so plain models keep their config
             config["parallel_branches"] = True
         return config
@@ -98,12 +100,14 @@ def build_segmenter(
     classes_per_step: Sequence[int] = (21,),
     num_extra: int = 0,
     parallel_branches: bool = False,
+    head_reduce: int = 0,
 ) -> Segmenter:
     """DeepLabV3 on a registered backbone (``list_backbones()``); ``pretrained`` is passed to
     ``build_backbone`` (only the backbone is ever pretrained). ``parallel_branches`` doubles the
     spatial conv-BN pairs of backbone and head (``ciss.models.parallel``; RCIL's architecture)."""
     body = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
-    head = ASPPHead(body.out_channels[-1], channels=head_channels, output_stride=output_stride)
+    head = ASPPHead(body.out_channels[-1], channels=head_channels, output_stride=output_stride,
+                    reduce=head_reduce)
     classifier = IncrementalClassifier(head_channels, classes_per_step, num_extra=num_extra)
     model = Segmenter(body, head, classifier)
     if parallel_branches:
