@@ -26,6 +26,8 @@ def test_train_eval_predict(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "run directory" in out and "0-4" in out
     run = tmp_path / "runs" / "cli"
+    last_row = (run / "table.txt").read_text().splitlines()[-1]
+    assert out.count(last_row) == 1  # each step's row is printed once
     rows = [json.loads(l) for l in (run / "results.jsonl").read_text().splitlines()]
 
     assert main(["eval", str(run)]) == 0

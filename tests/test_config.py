@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ciss.config import ConfigError, RECIPES, from_dict, load_config, parse_set, to_dict
@@ -44,3 +46,24 @@ def test_every_float_notation_is_a_float(tmp_path, text):
 def test_a_float_key_refuses_words():
     with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'abc'"):
         load_config(None, ["optim.lr=abc"])
+
+
+@pytest.mark.parametrize("item,message", [
+    ("optim.epochs_next=abc", "optim.epochs_next: expected int, got 'abc'"),
+    ("optim.grad_clip=abc", "optim.grad_clip: expected a number, got 'abc'"),
+    ("method_args=abc", "method_args: expected a mapping"),
+    ("optim.epochs=0", "optim.epochs must be at least 1, got 0"),
+    ("optim.epochs_next=0", "optim.epochs_next must be at least 1"),
+    ("optim.batch_size=0", "optim.batch_size must be at least 1, got 0"),
+    ("optim.lr=-1", "optim.lr must be positive, got -1.0"),
+    ("data.resize=0", "data.resize must be at least 1"),
+    ("model.head_reduce=-1", "model.head_reduce must be"),
+])
+def test_bad_values_are_refused_naming_the_key(item, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [item])
+
+
+def test_optional_keys_take_null_and_names_may_look_like_numbers():
+    cfg = load_config(None, ["optim.epochs_next=null", "optim.grad_clip=1", "name=2024"])
+    assert cfg.optim.epochs_next is None and cfg.optim.grad_clip == 1.0 and cfg.name == "2024"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ciss.splits import run_splits
@@ -58,3 +59,15 @@ def test_run_splits_synthetic(tmp_path):
     assert len(table.splitlines()) == 2 + 2
     ids = (tmp_path / "o" / "step-1.txt").read_text().split()
     assert ids and all(i.startswith("train-") for i in ids)
+
+
+def test_explicit_class_groups_and_a_warning_for_nearly_empty_steps(tmp_path):
+    root = _folder(tmp_path / "data")
+    table = run_splits("folder", root, "[[a], [b, c]]", "overlapped", None, tmp_path / "o",
+                       cache_dir=tmp_path / "c", progress=False)
+    lines = table.splitlines()
+    assert lines[2].split()[:3] == ["0", "2", "3"] and lines[3].split()[:3] == ["1", "2", "5"]
+    assert "warning: step 0 has 3 training image(s)" in table
+    with pytest.raises(ValueError, match="list of class groups"):
+        run_splits("folder", root, "[[a], [b", "overlapped", None, None, cache_dir=tmp_path / "c",
+                   progress=False)

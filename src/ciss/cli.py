@@ -15,8 +15,9 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set, recipe=args.recipe)
     res = train(cfg, Path(args.run_dir) if args.run_dir else None)
-    print(res.table(f"{cfg.method} on {cfg.data.dataset} {cfg.data.task} {cfg.data.setting}"))
-    print(f"run directory: {res.run_dir}  ({res.wall_time_s:.0f} s, peak RSS {res.peak_rss_mb:.0f} MB)")
+    # the steps' rows were printed as they were evaluated; table.txt holds them under a title
+    print(f"run directory: {res.run_dir}  ({res.wall_time_s:.0f} s, peak RSS {res.peak_rss_mb:.0f} MB; "
+          f"table in table.txt)")
     return 0
 
 

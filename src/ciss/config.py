@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional, Union, get_type_hints
 
 import yaml
 
@@ -132,10 +132,19 @@ RECIPES: dict[str, dict] = {
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Light type checks for scalar fields; YAML already gives int/float/bool/str/None."""
     origin = getattr(typ, "__origin__", None)
+    args = getattr(typ, "__args__", ())
+    if origin is Union and len(args) == 2 and type(None) in args:  # Optional[X]: None or an X
+        return None if value is None else _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping such as {{key: value}}, got {value!r}")
+        return value
     if typ is Any or origin is not None and typ is not float:
         return value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a name or path that YAML read as a number (name=2024)
     if typ is float and isinstance(value, str):
         # YAML 1.1 reads 1e-3 (no dot, no exponent sign) as a string: accept every float notation
         try:
@@ -194,6 +203,37 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+# key -> (test, what it must be): checked after every override, so a bad value is refused at once,
+# naming the key, instead of failing deep inside a step.
+_RANGES: dict[str, tuple[Any, str]] = {
+    "optim.epochs": (lambda v: v >= 1, "at least 1"),
+    "optim.epochs_next": (lambda v: v is None or v >= 1, "at least 1 (or null: as optim.epochs)"),
+    "optim.batch_size": (lambda v: v >= 1, "at least 1"),
+    "optim.eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "optim.lr": (lambda v: v > 0, "positive"),
+    "optim.lr_next": (lambda v: v > 0, "positive"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "optim.poly_power": (lambda v: v >= 0, "0 or more"),
+    "optim.grad_clip": (lambda v: v is None or v > 0, "positive (or null: no clipping)"),
+    "data.crop_size": (lambda v: v >= 1, "at least 1"),
+    "data.resize": (lambda v: v is None or v >= 1, "at least 1 (or null: native size)"),
+    "data.eval_size": (lambda v: v is None or v >= 1, "at least 1 (or null: whole images)"),
+    "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "model.head_channels": (lambda v: v >= 1, "at least 1"),
+    "model.head_reduce": (lambda v: v >= 0, "0 (none) or a channel count"),
+    "model.frozen_stride": (lambda v: v >= 0, "0 (none) or an output stride"),
+}
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    for key, (ok, what) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 recipe: str | None = None) -> RunConfig:
     """Defaults <- recipe <- YAML file <- --set overrides."""
@@ -218,6 +258,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, RECIPES[recipe])
     _apply(cfg, user)
     cfg.recipe = recipe
+    check_ranges(cfg)
     return cfg
 
 

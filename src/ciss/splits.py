@@ -3,6 +3,7 @@ each step's training image ids (one per line) to OUT/step-<t>.txt."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,6 +11,9 @@ import yaml
 
 from ciss.data.registry import build_dataset
 from ciss.scenario import OrderSpec, Scenario, build_scenario
+
+
+FEW_IMAGES = 8  # a step with fewer training images than this is worth a warning
 
 
 def format_table(scenario: Scenario, header: str) -> str:
@@ -48,6 +52,14 @@ def run_splits(
 ) -> str:
     """Build the scenario, write OUT/step-<t>.txt (image ids, one per line) and return the table."""
     data = build_dataset(dataset, split, root, **{k: _coerce(v) for k, v in dataset_kw.items()})
+    if isinstance(task, str) and task.strip().startswith("["):  # explicit class groups, as in a config
+        try:
+            task = yaml.safe_load(task)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"task {task!r} is not a list of class groups ({exc}); write e.g. "
+                             "'[[1, 2, 3], [4], [5]]' or '[[cat, dog], [bird]]'") from None
+    if cache_dir is None:  # the cache `ciss train` reads, so the masks are scanned once for both
+        cache_dir = Path(os.environ.get("CISS_CACHE", Path.home() / ".cache" / "ciss")) / "scenarios"
     scenario = build_scenario(data, task, setting, order=order, cache_dir=cache_dir,
                               progress=progress)
     if out is not None:
@@ -61,4 +73,10 @@ def run_splits(
         f"{dataset} {split} ({len(data):,} images), task {scenario.task}, {scenario.setting}, "
         f"order {order_txt}: {scenario.num_steps} steps"
     )
-    return format_table(scenario, header)
+    table = format_table(scenario, header)
+    few = [(t, n) for t, _, n in scenario.summary() if n < FEW_IMAGES]
+    if few:
+        table += "\n" + "\n".join(
+            f"warning: step {t} has {n} training image(s); with fewer than {FEW_IMAGES} a step barely "
+            f"trains: choose another task, setting or class order" for t, n in few)
+    return table
