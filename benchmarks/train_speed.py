@@ -5,8 +5,9 @@ interleaved in one process on the same batches.
          trained, images decoded and resized every epoch, loss terms read every iteration;
          evaluation in no_grad with BN as separate layers, argmax(1), images of a dataset at their
          own size one at a time (`--set model.frozen_stride=0 --set model.head_reduce=0
-         --set data.image_cache=false`).
-    new: the `cpu` recipe (`model.frozen_stride=4`, `model.head_reduce=320`, `data.image_cache=true`),
+         --set model.dilated=true --set data.image_cache=false`).
+    new: the `cpu` recipe (`model.frozen_stride=4`, `model.head_reduce=320`, `model.dilated=false`,
+         `data.image_cache=true`),
          the engine's loop (losses summed on the device) and its evaluation (inference copy with BN
          folded, inference_mode, max(1).indices, batches of equal-size images).
 
@@ -44,7 +45,7 @@ from ciss.models import inference_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 CCP21 = ROOT.parent / "shared" / "datasets" / "ccp21"
-OLD = ["model.frozen_stride=0", "model.head_reduce=0", "data.image_cache=false"]
+OLD = ["model.frozen_stride=0", "model.head_reduce=0", "model.dilated=true", "data.image_cache=false"]
 
 
 def generated_folder(root: Path, n: int = 96) -> Path:

@@ -4,9 +4,10 @@
 # cut to one epoch and not read), trained on train:fit and
 # evaluated on train:holdout (ccp21's val split, its test split, is not read), for the default before
 # ("old": Lite0 with its 1280-channel head conv, ASPP on it, every layer trained), the new default
-# ("new": the same with the stem and stride-2/4 stages frozen and ASPP on a 1x1 reduction to 320
-# channels), and single levers: "frozen" (freezing only), "headless" (ASPP on the last block's 320
-# channels, no head conv), "headless_frozen", "os32" (headless_frozen at output stride 32).
+# ("new": the same with the stem and stride-2/4 stages frozen, ASPP on a 1x1 reduction to 320
+# channels and the last stage undilated), and other levers: "frozen_reduce" (new, dilated),
+# "frozen" (freezing only), "headless" (ASPP on the last block's 320 channels, no head conv),
+# "headless_frozen", "os32" (headless_frozen at output stride 32).
 #
 #   [SEEDS="0 1"] [VARIANTS="old new"] bash benchmarks/train_speed_guard.sh [OUT_DIR]     # then: ciss report OUT_DIR/* or read results.jsonl
 set -euo pipefail
@@ -15,12 +16,13 @@ OUT=${1:-runs/speed_guard}
 DATA=${CCP21:-../shared/datasets/ccp21}
 CISS=${CISS:-.venv/bin/ciss}
 declare -A VARIANT=(
-  [old]="--set model.frozen_stride=0 --set model.head_reduce=0 --set data.image_cache=false"
+  [old]="--set model.frozen_stride=0 --set model.head_reduce=0 --set model.dilated=true --set data.image_cache=false"
   [new]=""
-  [frozen]="--set model.head_reduce=0"
-  [headless]="--set model.backbone=efficientnet_lite0_headless --set model.head_reduce=0 --set model.frozen_stride=0"
-  [headless_frozen]="--set model.backbone=efficientnet_lite0_headless --set model.head_reduce=0"
-  [os32]="--set model.backbone=efficientnet_lite0_headless --set model.head_reduce=0 --set model.output_stride=32"
+  [frozen_reduce]="--set model.dilated=true"
+  [frozen]="--set model.head_reduce=0 --set model.dilated=true"
+  [headless]="--set model.backbone=efficientnet_lite0_headless --set model.head_reduce=0 --set model.frozen_stride=0 --set model.dilated=true"
+  [headless_frozen]="--set model.backbone=efficientnet_lite0_headless --set model.head_reduce=0 --set model.dilated=true"
+  [os32]="--set model.backbone=efficientnet_lite0_headless --set model.head_reduce=0 --set model.dilated=true --set model.output_stride=32"
 )
 for seed in ${SEEDS:-0 1}; do
   for v in ${VARIANTS:-old new}; do

@@ -78,11 +78,14 @@ def test_soft_relation_and_sharp_confidence_losses():
     assert prediction_entropy(torch.tensor([[[[50.0]], [[0.0]]]])) < 1e-15
 
 
-def tiny_setup():
+def tiny_setup(parallel: bool = False, vote_for: int | None = None):
     torch.manual_seed(0)
-    old = build_segmenter("tiny", classes_per_step=(3,), head_channels=16).eval()
+    old = build_segmenter("tiny", classes_per_step=(3,), head_channels=16,
+                          parallel_branches=parallel).eval()
     with torch.no_grad():  # a random model is near-uniform everywhere; spread its confidence
         old.classifier.convs[0].weight.mul_(30)
+        if vote_for is not None:  # and make it vote for one old class often
+            old.classifier.convs[0].bias[vote_for] += 3.0
     model = copy.deepcopy(old)
     model.add_step(2)
     batches = [Batch(image=torch.randn(2, 3, 32, 32), label=torch.randint(0, 5, (2, 32, 32)) * (i % 2))
@@ -90,9 +93,9 @@ def tiny_setup():
     return old, model, batches
 
 
-def prepared(**fields):
-    old, model, batches = tiny_setup()
-    gsc = build_method("gsc", **fields)
+def prepared(method: str = "gsc", parallel: bool = False, vote_for: int | None = None, **fields):
+    old, model, batches = tiny_setup(parallel, vote_for)
+    gsc = build_method(method, **fields)
     gsc.init_new_classifiers(model, old, CTX)
     gsc.on_step_start(model, old, batches, CTX)
     model.train()
@@ -135,31 +138,9 @@ def test_each_switch_removes_its_term():
 def test_eq6_is_a_ce_on_the_pseudo_labels_over_an_unbiased_ce_base(method, base):
     # Over MiB's (or RCIL's) unbiased CE, old-class pseudo-labels would fold into background: the
     # loss would not see them. GSC's eq. 6 is a plain CE on its targets, so they must count.
-    if method == "gsc_rcil":
-        torch.manual_seed(0)
-        old = build_segmenter("tiny", classes_per_step=(3,), head_channels=16, parallel_branches=True).eval()
-        with torch.no_grad():
-            old.classifier.convs[0].weight.mul_(30)
-        model = copy.deepcopy(old)
-        model.add_step(2)
-        batches = [Batch(image=torch.randn(2, 3, 32, 32), label=torch.randint(0, 5, (2, 32, 32)) * (i % 2))
-                   for i in range(3)]
-        gsc = build_method(method)
-    else:
-        old, model, batches = tiny_setup()
-        gsc = build_method(method, base=base)
-    with torch.no_grad():  # the old model votes for old class 1 often, so some pseudo-labels are 1
-        old.classifier.convs[0].bias[1] += 3.0
-    model = copy.deepcopy(old)
-    model.add_step(2)
+    fields = {"base": base} if base else {}
+    gsc, model, old, b, out, old_out = prepared(method, parallel=method == "gsc_rcil", vote_for=1, **fields)
     assert gsc.base.unbiased_ce is False
-    gsc.init_new_classifiers(model, old, CTX)
-    gsc.on_step_start(model, old, batches, CTX)
-    model.train()
-    b = batches[1]
-    out = model(b.image)
-    with torch.no_grad():
-        old_out = old(b.image)
     t = gsc.make_targets(b, out, old_out, CTX)
     pseudo = t.extra["pseudo_mask"] & (t.label > 0) & (t.label < CTX.num_old)
     assert pseudo.any(), "the test needs old-class pseudo-labels"
@@ -170,7 +151,7 @@ def test_eq6_is_a_ce_on_the_pseudo_labels_over_an_unbiased_ce_base(method, base)
                             weight=t.weight, extra=t.extra)
     assert not torch.allclose(gsc.loss(out, as_background, old_out, b, CTX)["loss"], terms["loss"])
     # without PR the base keeps its own unbiased CE
-    assert build_method(method, **({"base": base} if base else {}), pr=False).base.unbiased_ce is True
+    assert build_method(method, **fields, pr=False).base.unbiased_ce is True
 
 
 def test_finite_loss_gradients_and_pr_labels_on_a_tiny_model():

@@ -235,3 +235,25 @@ def test_head_reduce_narrows_the_aspp_input_and_round_trips():
         want = model(x).logits
         got = inference_copy(model)(x).logits
     assert (want - got).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet50", "tiny"])
+def test_undilated_backbone_keeps_its_strides_and_weights(backbone):
+    torch.manual_seed(0)
+    dilated = build_segmenter(backbone, head_channels=16, classes_per_step=(3,), output_stride=8)
+    plain = build_segmenter(backbone, head_channels=16, classes_per_step=(3,), output_stride=8, dilated=False)
+    assert any(m.dilation != (1, 1) for m in dilated.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(m.dilation == (1, 1) for m in plain.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    plain.load_state_dict(dilated.state_dict(), strict=True)  # same weights, another receptive field
+    x = torch.randn(1, 3, 64, 64)
+    dilated.eval(), plain.eval()
+    with torch.no_grad():
+        a, b = dilated(x), plain(x)
+    assert [s.shape for s in a.features["stages"]] == [s.shape for s in b.features["stages"]]
+    assert not torch.allclose(a.features["stages"][-1], b.features["stages"][-1])
+    assert plain.config()["dilated"] is False and "dilated" not in dilated.config()
+    rebuilt = build_segmenter(**plain.config())
+    rebuilt.load_state_dict(plain.state_dict(), strict=True)
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x).logits, b.logits)

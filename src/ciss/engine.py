@@ -285,7 +285,7 @@ class Experiment:
         m = self.cfg.model
         model = build_segmenter(backbone=m.backbone, pretrained=m.pretrained,
                                 output_stride=m.output_stride, head_channels=m.head_channels,
-                                head_reduce=m.head_reduce,
+                                head_reduce=m.head_reduce, dilated=m.dilated,
                                 classes_per_step=classes_per_step,
                                 num_extra=self.method.num_extra_outputs(),
                                 **self.method.architecture())

@@ -85,6 +85,8 @@ class Segmenter(nn.Module):
             "classes_per_step": list(self.classes_per_step),
             "num_extra": self.num_extra,
         }
+        if getattr(self.backbone, "undilated", False):  # only when set, as below
+            config["dilated"] = False
         if self.head.in_reduce:  # only when set, so models without it keep their config
             config["head_reduce"] = self.head.in_reduce
         if parallel_modules(self):  # only when present, so plain models keep their config
@@ -101,11 +103,14 @@ def build_segmenter(
     num_extra: int = 0,
     parallel_branches: bool = False,
     head_reduce: int = 0,
+    dilated: bool = True,
 ) -> Segmenter:
     """DeepLabV3 on a registered backbone (``list_backbones()``); ``pretrained`` is passed to
     ``build_backbone`` (only the backbone is ever pretrained). ``parallel_branches`` doubles the
     spatial conv-BN pairs of backbone and head (``ciss.models.parallel``; RCIL's architecture)."""
     body = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
+    if not dilated:
+        undilate(body)
     head = ASPPHead(body.out_channels[-1], channels=head_channels, output_stride=output_stride,
                     reduce=head_reduce)
     classifier = IncrementalClassifier(head_channels, classes_per_step, num_extra=num_extra)
@@ -113,6 +118,20 @@ def build_segmenter(
     if parallel_branches:
         add_parallel_branches(model)
     return model
+
+
+def undilate(backbone: nn.Module) -> int:
+    """Run the convs that ``output_stride`` dilated at rate 1 (same weights, half or a quarter of their
+    receptive field; dilated depthwise convs are the slowest layers of Lite0 on a CPU). Returns how
+    many convs it changed."""
+    count = 0
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d) and m.dilation != (1, 1) and m.stride == (1, 1):
+            m.dilation = (1, 1)
+            m.padding = tuple((k - 1) // 2 for k in m.kernel_size)
+            count += 1
+    backbone.undilated = True
+    return count
 
 
 def freeze_early(model: Segmenter, max_stride: int) -> int:
