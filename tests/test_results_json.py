@@ -29,3 +29,24 @@ def test_a_trained_run_writes_strict_json(tiny_cfg):
         assert "NaN" not in text, name
     summary = RunDir(res.run_dir, create=False).read_summary()
     assert math.isnan(summary["steps"][0]["miou_new"])  # step 0 has no new class
+
+
+def test_checkpoints_follow_the_umask_and_stale_temp_files_are_removed(tmp_path):
+    import os
+    import time
+
+    from ciss.results import FILE_MODE, STALE_TEMP_S, atomic_write_text, save_checkpoint
+
+    target = tmp_path / "ckpt" / "last.pt"
+    target.parent.mkdir()
+    stale = target.parent / ".last.pt.abc123.tmp"  # what a writer killed mid-write leaves
+    stale.write_bytes(b"half")
+    old = time.time() - STALE_TEMP_S - 5
+    os.utime(stale, (old, old))
+    fresh = target.parent / ".last.pt.def456.tmp"  # too recent to be judged dead
+    fresh.write_bytes(b"half")
+    save_checkpoint(target, {"step": 0})
+    assert target.is_file() and (target.stat().st_mode & 0o777) == FILE_MODE
+    assert not stale.exists() and fresh.exists()
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert ((tmp_path / "a.txt").stat().st_mode & 0o777) == FILE_MODE

@@ -33,11 +33,40 @@ def git_sha(cwd: Optional[Path] = None) -> Optional[str]:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files are written through a temp file (mkstemp makes it 0600) and get the mode a plain open()
+# would give them under the user's umask.
+FILE_MODE = 0o666 & ~_umask()
+# A temp file of a target this old is left over from a killed writer (a checkpoint takes seconds).
+STALE_TEMP_S = 600.0
+
+
+def temp_beside(path: Path) -> str:
+    """A new temp file next to `path` for an atomic write, after removing the stale ones a killed
+    writer of the same target left (callers hold the target's lock, so no live writer is touched)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - old.stat().st_mtime > STALE_TEMP_S:
+                old.unlink()
+        except OSError:
+            pass
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, FILE_MODE)
+    return tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -80,9 +109,7 @@ def exclusive(path: Path, on_wait: Optional[Callable[[], None]] = None, wait: bo
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save into a temp file then rename, so a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
