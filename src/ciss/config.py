@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Union, get_type_hints
@@ -275,6 +276,11 @@ def from_dict(d: dict) -> RunConfig:
     cfg = RunConfig()
     _apply(cfg, d)
     return cfg
+
+
+def default_cache_root() -> Path:
+    """Where caches go when a run names no cache_dir: $CISS_CACHE, else ~/.cache/ciss."""
+    return Path(os.environ.get("CISS_CACHE", Path.home() / ".cache" / "ciss"))
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

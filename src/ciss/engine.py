@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ciss.calibration import CALIBRATORS, Calibrator, GammaSweep, build_calibrator, parse_calibration, tradeoff_curve
-from ciss.config import INTRODUCED, ConfigError, RunConfig, stable_hash, to_dict
+from ciss.config import INTRODUCED, ConfigError, RunConfig, default_cache_root, stable_hash, to_dict
 from ciss.data import build_dataset
 from ciss.data.image_cache import ResizeCache, cacheable
 from ciss.data.transforms import EvalTransform, Resized, TrainTransform
@@ -228,7 +228,7 @@ def default_run_name(cfg: RunConfig) -> str:
 def cache_root(cfg: RunConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
-    return Path(os.environ.get("CISS_CACHE", Path.home() / ".cache" / "ciss"))
+    return default_cache_root()
 
 
 class Experiment:
@@ -430,11 +430,8 @@ class Experiment:
                     terms = self.method.loss(out, targets, old_out, batch, ctx)
                 loss = terms["loss"]
                 if n % sync_every == 0 and not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"step {ctx.step}, phase '{phase.name}', epoch {epoch + 1}: loss is "
-                        f"{loss.detach().item()} ({ {k: float(v.detach()) for k, v in terms.items()} }). The last good "
-                        f"checkpoint in {self.run.path / 'ckpt'} is intact; lower optim.lr or check "
-                        f"the data, then rerun the same command to resume.")
+                    raise self.diverged(ctx, phase, epoch, f"loss is {loss.detach().item()} "
+                                        f"({ {k: float(v.detach()) for k, v in terms.items()} })")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip:
@@ -447,14 +444,11 @@ class Experiment:
                     v = v.detach().float()
                     sums[k] = sums[k] + v if k in sums else v.clone()
                 n += 1
-                if n % sync_every == 0 and bar.total:
+                if not bar.disable and n % sync_every == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             means = {k: float(v) / max(1, n) for k, v in sums.items()}
             if not all(np.isfinite(v) for v in means.values()):
-                raise TrainingDiverged(
-                    f"step {ctx.step}, phase '{phase.name}', epoch {epoch + 1}: mean losses {means}. "
-                    f"The last good checkpoint in {self.run.path / 'ckpt'} is intact; lower optim.lr "
-                    f"or check the data, then rerun the same command to resume.")
+                raise self.diverged(ctx, phase, epoch, f"mean losses {means}")
             if self.dist.main:
                 self.run.append_jsonl("losses.jsonl", {"step": ctx.step, "phase": phase.name,
                                                        "epoch": epoch, **means})
@@ -463,6 +457,12 @@ class Experiment:
                     model, ctx.step, phase=phase_idx, epoch=epoch, optimizer=opt.state_dict(),
                     scheduler=sched.state_dict(), run_wall_time_s=self.run_wall_time()))
         self.method.on_phase_end(phase, core, old_model, DeviceLoader(loader, self.device), ctx)
+
+    def diverged(self, ctx: StepContext, phase: Phase, epoch: int, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"step {ctx.step}, phase '{phase.name}', epoch {epoch + 1}: {what}. The last good "
+            f"checkpoint in {self.run.path / 'ckpt'} is intact; lower optim.lr or check the data, "
+            f"then rerun the same command to resume.")
 
     def step_images(self, step: int, train: bool) -> DataLoader:
         """Step `step`'s training images (train=True) or test images, at evaluation size, unshuffled."""

@@ -3,12 +3,12 @@ each step's training image ids (one per line) to OUT/step-<t>.txt."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from ciss.config import default_cache_root
 from ciss.data.registry import build_dataset
 from ciss.scenario import OrderSpec, Scenario, build_scenario
 
@@ -59,7 +59,7 @@ def run_splits(
             raise ValueError(f"task {task!r} is not a list of class groups ({exc}); write e.g. "
                              "'[[1, 2, 3], [4], [5]]' or '[[cat, dog], [bird]]'") from None
     if cache_dir is None:  # the cache `ciss train` reads, so the masks are scanned once for both
-        cache_dir = Path(os.environ.get("CISS_CACHE", Path.home() / ".cache" / "ciss")) / "scenarios"
+        cache_dir = default_cache_root() / "scenarios"
     scenario = build_scenario(data, task, setting, order=order, cache_dir=cache_dir,
                               progress=progress)
     if out is not None:

@@ -19,23 +19,18 @@ import copy
 import torch
 from torch import nn
 
-from .parallel import ParallelConvBN, fold_parallel_branches
+from .parallel import ParallelConvBN, conv_bn_weights, fold_parallel_branches
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
     """A copy of ``conv`` (its own forward kept, e.g. TF "SAME" padding) equal to ``bn(conv(x))`` with
     BN in eval mode."""
-    if conv.out_channels != bn.num_features or bn.running_var is None:
+    if conv.out_channels != bn.num_features or bn.running_var is None or bn.weight is None:
         raise ValueError(f"cannot fold {bn} into {conv}")
     fused = copy.deepcopy(conv)
     with torch.no_grad():
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
-        scale = gamma / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        bias = beta - bn.running_mean * scale
-        if conv.bias is not None:
-            bias = bias + conv.bias * scale
+        weight, bias = conv_bn_weights(conv, bn)
+        fused.weight.copy_(weight)
         fused.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
     return fused
 

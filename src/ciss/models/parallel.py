@@ -18,7 +18,7 @@ from torch import nn
 BranchPoint = tuple[nn.Module, str, str]
 
 
-def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of one conv equal to bn(conv(x)) with BN in eval mode."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
@@ -68,8 +68,8 @@ class ParallelConvBN(nn.Module):
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the single conv equal to this module in eval mode."""
-        w1, b1 = _fuse(self.conv, self.bn)
-        w2, b2 = _fuse(self.conv_new, self.bn_new)
+        w1, b1 = conv_bn_weights(self.conv, self.bn)
+        w2, b2 = conv_bn_weights(self.conv_new, self.bn_new)
         return 0.5 * (w1 + w2), 0.5 * (b1 + b2)
 
     @torch.no_grad()
