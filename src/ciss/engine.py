@@ -640,7 +640,14 @@ class Experiment:
 
     def run_all(self) -> RunResult:
         if self.dist.enabled:  # ranks of one launch share the directory
-            return self._run_all()
+            try:
+                res = self._run_all()
+                # no rank exits while another still talks to it: gloo aborts a process whose peer
+                # closed the connection under its background threads
+                dist.barrier()
+                return res
+            finally:
+                dist.destroy_process_group()
         try:
             with exclusive(self.run.path / ".lock", wait=False):
                 return self._run_all()
