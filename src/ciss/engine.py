@@ -801,7 +801,7 @@ class Experiment:
             raise ValueError(f"step {step} has no training image (task {cfg.data.task}, "
                              f"setting {cfg.data.setting}); choose another task or class order")
         data, batch_sampler = self.method.train_data(data, scn, step, transform,
-                                                     cfg.optim.batch_size, cfg.seed)
+                                                     cfg.optim.batch_size, cfg.seed, old_model)
         loader = self.loader(data, cfg.optim.batch_size, train=True, batch_sampler=batch_sampler)
         ctx = self.context(step, epochs, len(loader))
         if step > 0 and partial is None and ctx.num_new > 0:

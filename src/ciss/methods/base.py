@@ -55,11 +55,13 @@ class Method:
 
     # ---- data -----------------------------------------------------------------------------
     def train_data(self, data: Dataset, scenario: Any, step: int, transform: Callable,
-                   batch_size: int, seed: int) -> tuple[Dataset, Optional[Sampler]]:
+                   batch_size: int, seed: int, old_model: Optional[nn.Module] = None
+                   ) -> tuple[Dataset, Optional[Sampler]]:
         """The step's training set and, optionally, a batch sampler composing the batches.
 
         `data` yields (image, label, index); a method may wrap it (items may carry a 4th element,
         a dict of extra per-pixel maps that land in `Batch.extra`) or mix in other images.
+        `old_model` is the model of the previous step (None at step 0), in eval mode.
         """
         return data, None
 
@@ -163,8 +165,9 @@ class Wrapper(Method):
     def architecture(self) -> dict[str, Any]:
         return self.base.architecture()
 
-    def train_data(self, data, scenario, step, transform, batch_size, seed):  # type: ignore[override]
-        return self.base.train_data(data, scenario, step, transform, batch_size, seed)
+    def train_data(self, data, scenario, step, transform, batch_size, seed,  # type: ignore[override]
+                   old_model=None):
+        return self.base.train_data(data, scenario, step, transform, batch_size, seed, old_model)
 
     def init_new_classifiers(self, model, old_model, ctx):  # type: ignore[override]
         self.base.init_new_classifiers(model, old_model, ctx)

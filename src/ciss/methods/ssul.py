@@ -144,7 +144,8 @@ class SSUL(Method):
 
     # ---- data -----------------------------------------------------------------------------
     def train_data(self, data: Dataset, scenario: Scenario, step: int, transform: Callable,
-                   batch_size: int, seed: int) -> tuple[Dataset, Optional[Sampler]]:
+                   batch_size: int, seed: int, old_model: Optional[nn.Module] = None
+                   ) -> tuple[Dataset, Optional[Sampler]]:
         return self.marked_dataset(scenario, scenario.train_indices(step),
                                    scenario.train_lut(step), transform), None
 
@@ -265,7 +266,8 @@ class SSULM(SSUL):
     memory_step: int = field(default=-1, init=False, repr=False, compare=False)
 
     def train_data(self, data: Dataset, scenario: Scenario, step: int, transform: Callable,
-                   batch_size: int, seed: int) -> tuple[Dataset, Optional[Sampler]]:
+                   batch_size: int, seed: int, old_model: Optional[nn.Module] = None
+                   ) -> tuple[Dataset, Optional[Sampler]]:
         current, _ = super().train_data(data, scenario, step, transform, batch_size, seed)
         if step == 0 or self.memory_size == 0:
             return current, None
