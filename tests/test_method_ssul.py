@@ -146,6 +146,59 @@ def test_base_step_is_its_own():
         build_method("ssul", detector="dss")
 
 
+def test_lr_after_step_0_is_ten_times_lr_next():
+    # SSUL trains every step at lr 0.01; lr_next is MiB's 0.001, so the trained heads get x10
+    old, model = grown_pair()
+    method = build_method("ssul")
+    method.on_step_start(model, old, [], CTX1)
+    groups = method.param_groups(model, CTX1, Phase("train", 1))
+    assert [g["lr_scale"] for g in groups] == [10.0, 10.0]
+    unfrozen = build_method("ssul", freeze=False).param_groups(model, CTX1, Phase("train", 1))
+    assert [g["lr_scale"] for g in unfrozen] == [pytest.approx(1.0), 10.0]  # backbone x0.1 of x10
+
+
+# ---- ablations: Table 3 (softmax + CE), Table 4 (background init, random memory) ------------------
+
+def test_ce_ablation_uses_softmax_everywhere():
+    torch.manual_seed(0)
+    method = build_method("ssul", loss_type="ce")
+    logits = torch.randn(2, 6, 3, 3) * 3  # 5 seen classes + unknown
+    label = torch.randint(0, 6, (2, 3, 3))
+    label[0, 0, 0] = IGNORE
+    ctx0 = StepContext(step=0, classes_per_step=(5,), num_steps=2)
+    targets = method.make_targets(Batch(image=torch.zeros(2, 3, 3, 3), label=label),
+                                  SegOutput(logits), None, ctx0)
+    loss = method.loss(SegOutput(logits), targets, None, None, ctx0)
+    ref = torch.nn.functional.cross_entropy(logits, label, ignore_index=IGNORE)
+    torch.testing.assert_close(loss["loss"], ref)
+    assert "ce" in loss and "bce" not in loss
+    p = torch.softmax(logits, 1)
+    got = method.eval_logits(SegOutput(logits), CTX1)
+    torch.testing.assert_close(got.exp(), torch.cat([(p[:, 0] + p[:, 5])[:, None], p[:, 1:5]], 1))
+    # pseudo-labels from softmax scores: two equally sure old classes give 0.5 each, below 0.7,
+    # where their sigmoids (1.0) would pass
+    old_logits = torch.full((1, 4, 1, 2), -10.0)
+    old_logits[:, 1] = old_logits[:, 2] = 10.0
+    lbl = torch.zeros(1, 1, 2, dtype=torch.long)
+    assert pseudo_label(lbl, old_logits, 3, 0.7, softmax=True).tolist() == [[[0, 0]]]
+    assert pseudo_label(lbl, old_logits, 3, 0.7).tolist() == [[[1, 1]]]
+    assert method.base_step_key() != build_method("ssul").base_step_key()
+    with pytest.raises(ValueError, match="loss_type"):
+        build_method("ssul", loss_type="focal")
+
+
+@torch.no_grad()
+def test_new_classifiers_can_start_from_the_background_classifier():
+    old, model = grown_pair()
+    build_method("ssul", transfer_from="background").init_new_classifiers(model, old, CTX1)
+    new, bg = model.classifier.convs[-1], old.classifier.convs[0]
+    assert torch.equal(new.weight, bg.weight[:1].expand_as(new.weight))
+    assert torch.equal(new.bias, bg.bias[:1].expand_as(new.bias))
+    assert not torch.equal(new.weight, old.classifier.extra.weight.expand_as(new.weight))
+    with pytest.raises(ValueError, match="transfer_from"):
+        build_method("ssul", transfer_from="mean")
+
+
 # ---- data: the unknown mark ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -197,11 +250,33 @@ def ssul_m(**kw):  # unknown from unlabelled pixels: these tests need no salienc
     return build_method("ssul_m", unknown_source="unlabelled", memory_size=10, **kw)
 
 
+@torch.no_grad()
+def constant_model(scenario, step, winner):
+    """A model of the classes up to `step` (+ unknown) that outputs class `winner` everywhere,
+    sure of it."""
+    model = build_segmenter("tiny", classes_per_step=scenario.classes_per_step[: step + 1],
+                            head_channels=8, num_extra=1).eval()
+    heads = [*model.classifier.convs, model.classifier.extra]
+    for conv in heads:
+        conv.weight.zero_()
+        conv.bias.fill_(-10.0)
+    row = winner
+    for conv in heads:
+        if row < conv.bias.numel():
+            conv.bias[row] = 10.0
+            break
+        row -= conv.bias.numel()
+    return model
+
+
 def test_batches_are_half_memory(scenario):
     method = ssul_m()
     data0, sampler0 = method.train_data(None, scenario, 0, EvalTransform(None), 8, 0)
     assert sampler0 is None and method.state_dict() == {}  # no memory at step 0
-    data, sampler = method.train_data(None, scenario, 2, EvalTransform(None), 8, 0)
+    with pytest.raises(ValueError, match="previous step's model"):
+        ssul_m().train_data(None, scenario, 2, EvalTransform(None), 8, 0)
+    data, sampler = method.train_data(None, scenario, 2, EvalTransform(None), 8, 0,
+                                      constant_model(scenario, 1, BACKGROUND))
     n_cur = len(scenario.train_indices(2))
     assert len(data) == n_cur + 10 and method.memory_step == 1
     batches = list(sampler)
@@ -216,24 +291,57 @@ def test_batches_are_half_memory(scenario):
         assert not (lbl == BACKGROUND).any()  # densely labelled mode: all background is unknown
 
 
+def test_memory_reads_only_step_labels_and_pseudo_labels(scenario):
+    """utils/memory.py: a candidate holds the classes of its step's labels plus, after step 0, the
+    previous model's confident predictions on background; never another step's ground truth."""
+    method = ssul_m()
+    view = EvalTransform(None)
+    step1 = set(scenario.labels_of_step(1))
+    sure_bg = method.memory_candidates(scenario, 1, constant_model(scenario, 1, BACKGROUND), 1, view)
+    assert {i for i, _ in sure_bg} == set(scenario.train_indices(1).tolist())
+    assert all(set(held) <= step1 for _, held in sure_bg)
+    lut = scenario.test_lut(1)
+    gt_old = [i for i, _ in sure_bg if set(lut[scenario.train_data.load_mask(i)].ravel()) & {1, 2, 3}]
+    assert gt_old, "some step-1 image shows a step-0 class in its ground truth"
+    # a model sure of class 2 everywhere pseudo-labels every image's background as 2
+    sure_2 = method.memory_candidates(scenario, 1, constant_model(scenario, 1, 2), 1, view)
+    assert all(2 in held for _, held in sure_2)
+    # after step 0 there is no previous model: the step's labels only
+    first = method.memory_candidates(scenario, 0, constant_model(scenario, 0, 2), 0, view)
+    lut0 = scenario.train_lut(0)
+    for i, held in first:
+        assert held == sorted(set(lut0[scenario.train_data.load_mask(i)].ravel()) - {0, 255})
+    # a model that is not sure (sigmoid of 0.5 = 0.62 < 0.7) adds nothing
+    unsure = constant_model(scenario, 1, 2)
+    with torch.no_grad():
+        unsure.classifier.convs[0].bias[2] = 0.5
+    assert method.memory_candidates(scenario, 1, unsure, 1, view) == sure_bg
+
+
 def test_memory_state_round_trips(scenario):
+    prev = constant_model(scenario, 1, BACKGROUND)
     a = ssul_m()
-    a.train_data(None, scenario, 2, EvalTransform(None), 8, 0)
+    a.train_data(None, scenario, 2, EvalTransform(None), 8, 0, prev)
     state = a.state_dict()
     json.dumps(state)  # plain data only
     b = ssul_m()
     b.load_state_dict(state)
     assert b.memory.indices.tolist() == a.memory.indices.tolist() and b.memory_step == 1
-    b.train_data(None, scenario, 2, EvalTransform(None), 8, 0)  # already up to date: unchanged
+    b.train_data(None, scenario, 2, EvalTransform(None), 8, 0, prev)  # already up to date: unchanged
     assert b.memory.indices.tolist() == a.memory.indices.tolist()
     c = ssul_m()  # refilled step by step, as after each step
-    c.train_data(None, scenario, 1, EvalTransform(None), 8, 0)
-    c.train_data(None, scenario, 2, EvalTransform(None), 8, 0)
+    c.train_data(None, scenario, 1, EvalTransform(None), 8, 0, constant_model(scenario, 0, BACKGROUND))
+    c.train_data(None, scenario, 2, EvalTransform(None), 8, 0, prev)
     assert c.state_dict() == state
     c.load_state_dict({})  # a step-0 checkpoint: no memory yet
     assert c.memory is None and c.state_dict() == {}
     with pytest.raises(ValueError, match="unknown state keys"):
         c.load_state_dict({"thresholds": []})
+    r = ssul_m(memory_sampling="random")
+    r.train_data(None, scenario, 2, EvalTransform(None), 8, 0, prev)
+    assert len(r.memory) == 10 and r.state_dict()["memory"]["sampling"] == "random"
+    with pytest.raises(ValueError, match="memory_sampling"):
+        ssul_m(memory_sampling="herding")
 
 
 # ---- whole runs through the engine --------------------------------------------------------------

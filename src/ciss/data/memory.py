@@ -1,9 +1,12 @@
 """Tiny exemplar memory with SSUL-M's class-balanced sampling, and half-memory batches.
 
-After step t the memory holds `size` training images split evenly over all foreground classes seen
-so far: classes are visited round-robin (in a shuffled order), and each visit takes one
-not-yet-taken candidate holding that class, candidates being the previous memory plus step t's
-training images. So every seen class keeps at least one image whenever size >= number of classes.
+Before step t the memory is refilled with `size` images split evenly over the foreground classes
+seen so far: classes are visited round-robin (in a shuffled order), and each visit takes one
+not-yet-taken candidate holding that class. The candidates are the previous memory and step t-1's
+training images; which classes a candidate holds is what the method knows of it: the labels of
+the step that trained on it plus the previous model's pseudo-labels (SSUL's utils/memory.py), fixed
+when the image becomes a candidate. So every seen class keeps at least one image whenever
+size >= number of classes and some candidate is known to hold it.
 
 Labels: as in SSUL (`image_set='memory'`), a memory image is relabelled at step t with the ground
 truth of every class seen up to t (`Scenario.test_lut(t)`), whatever step it was stored at.
@@ -19,23 +22,29 @@ import torch
 import torch.utils.data
 
 from ciss.data.errors import DataError
-from ciss.types import BACKGROUND, IGNORE
 
 if TYPE_CHECKING:  # scenario imports data; only type hints go the other way
     from ciss.scenario import Scenario, StepDataset
 
+SAMPLINGS = ("balanced", "random")
+
 
 class ExemplarMemory:
-    """Class-balanced exemplar memory of training-image indices, kept across steps."""
+    """Exemplar memory of training-image indices, kept across steps, with the classes each image
+    was known to hold when it became a candidate."""
 
-    def __init__(self, size: int = 100, seed: int = 0) -> None:
+    def __init__(self, size: int = 100, seed: int = 0, sampling: str = "balanced") -> None:
         if size < 0:
             raise DataError(f"memory size must be >= 0, got {size}")
+        if sampling not in SAMPLINGS:
+            raise DataError(f"memory sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
         self.size = int(size)
         self.seed = int(seed)
+        self.sampling = sampling
         self._indices: list[int] = []
         self._steps: list[int] = []  # step whose training set each memory image came from
         self._ids: list[str] = []
+        self._classes: list[list[int]] = []  # model labels each image was known to hold
 
     def __len__(self) -> int:
         return len(self._indices)
@@ -49,59 +58,61 @@ class ExemplarMemory:
     def steps(self) -> np.ndarray:
         return np.asarray(self._steps, dtype=np.int64)
 
-    def update(self, scenario: "Scenario", step: int) -> None:
-        """Refill after training `step` from the memory plus the step's training images."""
-        if scenario.train_presence is None:
-            raise DataError("the memory needs the scenario's class-presence table; use "
-                            "build_scenario")
-        fg = [c for c in scenario.seen_classes(step) if c not in (BACKGROUND, IGNORE)]
-        ids = scenario.train_data.ids if scenario.train_data is not None else None
-        self.update_from(scenario.train_presence, scenario.train_indices(step), fg, step, ids)
+    @property
+    def classes(self) -> list[list[int]]:
+        """Per memory image, the model labels it was known to hold."""
+        return [list(c) for c in self._classes]
 
-    def update_from(
+    def update(
         self,
-        presence: np.ndarray,
-        new_indices: Sequence[int],
+        candidates: Sequence[tuple[int, Sequence[int]]],
         classes: Sequence[int],
         step: int,
         ids: Optional[Sequence[str]] = None,
     ) -> None:
-        """Low-level update: presence (N, 256) bool of the train dataset; `classes` = the seen
-        foreground raw class ids to balance over; `new_indices` = this step's training images."""
-        carried = dict(zip(self._indices, self._steps, strict=True))
-        cands = list(dict.fromkeys([*self._indices, *map(int, new_indices)]))  # unique, stable
-        origin = np.asarray([carried.get(i, step) for i in cands], dtype=np.int64)
+        """Refill from the memory plus `candidates`, (train index, labels it holds) of step `step`'s
+        images; `classes` are the labels to balance over (the seen foreground classes)."""
+        known = {i: (s, c) for i, s, c in zip(self._indices, self._steps, self._classes, strict=True)}
+        for i, held in candidates:
+            known.setdefault(int(i), (step, sorted({int(c) for c in held})))
+        cand = list(known)
         rng = np.random.RandomState(self.seed * 1000 + step)
-        perm = rng.permutation(len(cands))
-        cand = np.asarray(cands, dtype=np.int64)[perm]  # (C,)
-        origin = origin[perm]
-        class_order = [int(c) for c in rng.permutation(np.asarray(classes, dtype=np.int64))]
-        has = presence[cand][:, class_order] if len(cand) else np.zeros((0, len(class_order)), bool)
-        free = np.ones(len(cand), dtype=bool)
+        cand = [cand[j] for j in rng.permutation(len(cand))]
+        if self.sampling == "random":  # SSUL Table 4's random memory
+            taken = cand[: self.size]
+        else:
+            taken = self._balanced(cand, [set(known[i][1]) for i in cand],
+                                   [int(c) for c in rng.permutation(np.asarray(classes, np.int64))])
+        taken.sort()
+        self._indices = taken
+        self._steps = [known[i][0] for i in taken]
+        self._classes = [list(known[i][1]) for i in taken]
+        self._ids = [str(ids[i]) for i in taken] if ids is not None else []
+
+    def _balanced(self, cand: list[int], held: list[set[int]], class_order: list[int]) -> list[int]:
+        """Round-robin over `class_order`: each visit takes the first free candidate holding the
+        class; stops when full or when no class finds a candidate."""
+        free = [True] * len(cand)
         taken: list[int] = []
         while len(taken) < self.size:
             progress = False
-            for k in range(len(class_order)):
-                hits = has[:, k] & free  # candidates holding the class, not yet taken
-                if not hits.any():
+            for c in class_order:
+                j = next((j for j in range(len(cand)) if free[j] and c in held[j]), None)
+                if j is None:
                     continue
-                j = int(np.argmax(hits))
                 free[j] = False
-                taken.append(j)
+                taken.append(cand[j])
                 progress = True
                 if len(taken) >= self.size:
                     break
             if not progress:
                 break
-        taken.sort(key=lambda j: int(cand[j]))
-        self._indices = [int(cand[j]) for j in taken]
-        self._steps = [int(origin[j]) for j in taken]
-        self._ids = [str(ids[i]) for i in self._indices] if ids is not None else []
+        return taken
 
-    def class_counts(self, presence: np.ndarray, classes: Sequence[int]) -> dict[int, int]:
-        """How many memory images hold each of `classes` (an image may count for several)."""
-        rows = presence[self.indices] if len(self) else np.zeros((0, 256), bool)
-        return {int(c): int(rows[:, c].sum()) for c in classes}
+    def class_counts(self, classes: Sequence[int]) -> dict[int, int]:
+        """How many memory images were known to hold each of `classes` (an image may count for
+        several)."""
+        return {int(c): sum(int(c) in held for held in self._classes) for c in classes}
 
     def dataset(
         self, scenario: "Scenario", step: int, transform: Optional[Callable] = None
@@ -114,20 +125,24 @@ class ExemplarMemory:
         return StepDataset(scenario.train_data, self.indices, scenario.test_lut(step), transform)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "seed": self.seed, "indices": list(self._indices),
-                "steps": list(self._steps), "ids": list(self._ids)}
+        return {"size": self.size, "seed": self.seed, "sampling": self.sampling,
+                "indices": list(self._indices), "steps": list(self._steps), "ids": list(self._ids),
+                "classes": [list(c) for c in self._classes]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"size", "seed", "indices", "steps"} - set(state)
+        missing = {"size", "seed", "indices", "steps", "classes"} - set(state)
         if missing:
             raise DataError(f"memory state is missing {sorted(missing)}; not an ExemplarMemory "
-                            f"state_dict")
-        if len(state["indices"]) != len(state["steps"]):
-            raise DataError("memory state has different numbers of indices and steps")
+                            f"state_dict of this version (a memory without the classes of its "
+                            f"images cannot be refilled: start the run again)")
+        if not len(state["indices"]) == len(state["steps"]) == len(state["classes"]):
+            raise DataError("memory state has different numbers of indices, steps and classes")
         self.size = int(state["size"])
         self.seed = int(state["seed"])
+        self.sampling = str(state.get("sampling", "balanced"))
         self._indices = [int(i) for i in state["indices"]]
         self._steps = [int(s) for s in state["steps"]]
+        self._classes = [[int(c) for c in held] for held in state["classes"]]
         self._ids = [str(s) for s in state.get("ids", [])]
 
     def check_ids(self, ids: Sequence[str]) -> None:

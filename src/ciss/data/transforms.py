@@ -176,3 +176,15 @@ class Resized:
 
     def __repr__(self) -> str:
         return f"Resized({self.inner!r}, shorter={self.shorter})"
+
+
+def unaugmented(transform):
+    """The deterministic view of a training transform: the same resize, then the shorter side to
+    the crop size and a centre crop of it instead of random scale, crop and flip (what SSUL's
+    memory selection sees: ExtResize(crop) + ExtCenterCrop(crop)). Other transforms are returned
+    as they are."""
+    if isinstance(transform, Resized):
+        return Resized(unaugmented(transform.inner), transform.shorter)
+    if isinstance(transform, TrainTransform):
+        return EvalTransform(transform.crop_size)
+    return transform

@@ -23,19 +23,25 @@ from torch.utils.data import Dataset, Sampler
 
 from ciss.data.base import SegDataset
 from ciss.data.errors import DataError
-from ciss.data.memory import ExemplarMemory, with_memory
+from ciss.data.memory import SAMPLINGS, ExemplarMemory, with_memory
+from ciss.data.transforms import unaugmented
 from ciss.losses import binary_cross_entropy_one_hot
 from ciss.methods.base import Method, Phase
+from ciss.models.fusion import inference_copy
 from ciss.models.segmenter import set_bn_eval
 from ciss.saliency import SaliencyMaps, list_detectors, source_key
 from ciss.scenario import Scenario, StepDataset
-from ciss.types import BACKGROUND, Batch, SegOutput, StepContext, Targets
+from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext, Targets
 
 # A label value no class uses: TrainTransform resizes labels with nearest and pads with IGNORE, so
 # the mark lands exactly where the unknown pixels go.
 UNKNOWN_MARK = 254
 
 UNKNOWN_SOURCES = ("auto", "saliency", "unlabelled")
+LOSS_TYPES = ("bce", "ce")
+TRANSFER_SOURCES = ("unknown", "background")
+# utils/memory.py: the pseudo-label threshold of memory selection (fixed, not --pseudo_thresh).
+MEMORY_PSEUDO_THRESHOLD = 0.7
 
 
 def mark_unknown(label: np.ndarray, unknown: np.ndarray | bool) -> np.ndarray:
@@ -73,15 +79,17 @@ class UnknownMarkedDataset(Dataset):
 
 
 def pseudo_label(label: torch.Tensor, old_logits: torch.Tensor, num_old: int, threshold: float,
-                 unknown_label: Optional[int] = None) -> torch.Tensor:
+                 unknown_label: Optional[int] = None, softmax: bool = False) -> torch.Tensor:
     """SSUL's pseudo-labels: a background (or unknown) pixel takes the old model's most confident
-    sigmoid output when that is an old foreground class scoring >= threshold.
+    sigmoid output (softmax with the CE loss) when that is an old foreground class scoring >=
+    threshold.
 
     label (B, H, W); old_logits (B, C, H, W) with C = num_old (+ the old unknown output after them),
     channel 0 the background. Returns (B, H, W); a pixel of a current class is never changed.
     """
     # main.py: max over every old output (unknown and background included) of the sigmoid ...
-    score, pred = torch.sigmoid(old_logits.float()).max(dim=1)  # (B, H, W)
+    probs = torch.softmax(old_logits.float(), 1) if softmax else torch.sigmoid(old_logits.float())
+    score, pred = probs.max(dim=1)  # (B, H, W)
     # ... accepted only when it names an old object class (pred_labels > fg_idx), score >= 0.7.
     old_object = (pred >= 1) & (pred < num_old)
     free = label == BACKGROUND  # main.py: labels <= fg_idx, i.e. background or unknown
@@ -115,6 +123,10 @@ class SSUL(Method):
     freeze: bool = True
     bn_freeze: bool = True
     weight_transfer: bool = True
+    # Table 4's ablation: new classifiers start from the background classifier instead.
+    transfer_from: str = "unknown"
+    # Table 3's ablation: "ce", softmax + cross-entropy (main.py --loss_type ce_loss).
+    loss_type: str = "bce"
     # main.py training_params without freeze (step 0): backbone lr 0.001, ASPP + heads 0.01 (= lr).
     backbone_lr_scale: float = 0.1
     # Paper Sec. 4.1 / run.sh: lr 0.01 at every step; the recipe's lr_next is MiB's 0.001, hence x10.
@@ -127,6 +139,11 @@ class SSUL(Method):
         if self.detector not in list_detectors():
             raise ValueError(f"unknown saliency detector {self.detector!r}; valid: "
                              f"{', '.join(list_detectors())}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.transfer_from not in TRANSFER_SOURCES:
+            raise ValueError(f"transfer_from must be one of {', '.join(TRANSFER_SOURCES)}, "
+                             f"got {self.transfer_from!r}")
         if self.pseudo_threshold is not None and not 0.0 <= self.pseudo_threshold <= 1.0:
             raise ValueError(f"pseudo_threshold must be in [0, 1] or None, got {self.pseudo_threshold}")
 
@@ -134,10 +151,10 @@ class SSUL(Method):
     def base_step_key(self) -> str:
         # Step 0 differs from CE fine-tuning: BCE, the unknown output and its source, lr split.
         if not self.unknown:
-            return f"ssul-bce-nounknown-bb{self.backbone_lr_scale:g}"
+            return f"ssul-{self.loss_type}-nounknown-bb{self.backbone_lr_scale:g}"
         src = "unlabelled" if self.unknown_source == "unlabelled" else \
             f"{self.unknown_source}-{source_key(self.detector, saliency_dir=self.saliency_dir)}"
-        return f"ssul-bce-unknown-{src}-bb{self.backbone_lr_scale:g}"
+        return f"ssul-{self.loss_type}-unknown-{src}-bb{self.backbone_lr_scale:g}"
 
     def num_extra_outputs(self) -> int:
         return 1 if self.unknown else 0
@@ -172,10 +189,11 @@ class SSUL(Method):
 
     # ---- step life cycle ----------------------------------------------------------------
     def init_new_classifiers(self, model: nn.Module, old_model: nn.Module, ctx: StepContext) -> None:
-        # main.py --w_transfer (only with --unknown): every new class starts as the old unknown.
-        if not (self.unknown and self.weight_transfer):
+        # main.py --w_transfer (only with --unknown): every new class starts as the old unknown;
+        # Table 4 compares with a start from the background classifier (not in main.py).
+        if not self.weight_transfer or self.transfer_from == "unknown" and not self.unknown:
             return
-        src = old_model.classifier.extra
+        src = old_model.classifier.extra if self.transfer_from == "unknown" else old_model.classifier.convs[0]
         new = model.classifier.convs[-1]
         with torch.no_grad():
             new.weight.copy_(src.weight[:1].expand_as(new.weight))
@@ -229,25 +247,34 @@ class SSUL(Method):
                             label)
         if ctx.step > 0 and old is not None and self.pseudo_threshold is not None:
             old_logits = old.logits[:, : ctx.num_old + self.num_extra_outputs()]
-            label = pseudo_label(label, old_logits, ctx.num_old, self.pseudo_threshold, unknown_label)
+            label = pseudo_label(label, old_logits, ctx.num_old, self.pseudo_threshold, unknown_label,
+                                 softmax=self.loss_type == "ce")
         return Targets(label=label)
 
     def loss(self, out: SegOutput, targets: Targets, old: Optional[SegOutput], batch: Batch,
              ctx: StepContext) -> dict[str, torch.Tensor]:
         # main.py criterion(outputs, labels): every output, old classes and unknown included.
         logits = out.logits[:, : ctx.num_seen + self.num_extra_outputs()]
+        if self.loss_type == "ce":  # nn.CrossEntropyLoss(ignore_index=255): mean over labelled pixels
+            per_pixel = F.cross_entropy(logits.float(), targets.label, ignore_index=IGNORE, reduction="none")
+            if targets.weight is not None:
+                per_pixel = per_pixel * targets.weight
+            ce = per_pixel.sum() / (targets.label != IGNORE).sum().clamp_min(1)
+            return {"loss": ce, "ce": ce}
         bce = binary_cross_entropy_one_hot(logits, targets.label, targets.weight)
         return {"loss": bce, "bce": bce}
 
     # ---- evaluation -----------------------------------------------------------------------
     def eval_logits(self, out: SegOutput, ctx: StepContext) -> torch.Tensor:
-        """Log of SSUL's scores: per-class sigmoids, the unknown's added to the background's
+        """Log of SSUL's scores: per-class sigmoids (a softmax with the CE loss), the unknown's added
+        to the background's
         (main.py validate: outputs[:, bg] += outputs[:, unknown]). Argmax-identical, no saturation."""
-        logits = out.logits.float()
-        log_p = F.logsigmoid(logits[:, : ctx.num_seen])  # (B, num_seen, H, W)
+        logits = out.logits.float()[:, : ctx.num_seen + self.num_extra_outputs()]
+        log_all = F.log_softmax(logits, 1) if self.loss_type == "ce" else F.logsigmoid(logits)
+        log_p = log_all[:, : ctx.num_seen]  # (B, num_seen, H, W)
         if not self.unknown:
             return log_p
-        bg = torch.logaddexp(log_p[:, 0], F.logsigmoid(logits[:, ctx.num_seen]))  # (B, H, W)
+        bg = torch.logaddexp(log_p[:, 0], log_all[:, ctx.num_seen])  # (B, H, W)
         return torch.cat([bg[:, None], log_p[:, 1:]], dim=1)
 
 
@@ -260,10 +287,18 @@ class SSULM(SSUL):
 
     # Paper Sec. 4.1: |M| = 100 for VOC (300 for ADE20K: set memory_size=300 there).
     memory_size: int = 100
+    # "random": Table 4's memory drawn at random instead of class-balanced.
+    memory_sampling: str = "balanced"
 
     # State, not hyperparameters: the memory and the last step it was refilled after.
     memory: Optional[ExemplarMemory] = field(default=None, init=False, repr=False, compare=False)
     memory_step: int = field(default=-1, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.memory_sampling not in SAMPLINGS:
+            raise ValueError(f"memory_sampling must be one of {', '.join(SAMPLINGS)}, "
+                             f"got {self.memory_sampling!r}")
 
     def train_data(self, data: Dataset, scenario: Scenario, step: int, transform: Callable,
                    batch_size: int, seed: int, old_model: Optional[nn.Module] = None
@@ -271,7 +306,7 @@ class SSULM(SSUL):
         current, _ = super().train_data(data, scenario, step, transform, batch_size, seed)
         if step == 0 or self.memory_size == 0:
             return current, None
-        memory = self.refresh_memory(scenario, step, seed)
+        memory = self.refresh_memory(scenario, step, seed, old_model, transform)
         # datasets/voc.py image_set='memory': labels of every class seen so far (test_lut). The
         # unknown is marked as on current images; SSUL's code skips its label shift for memory images.
         mem = self.marked_dataset(scenario, memory.indices, scenario.test_lut(step), transform)
@@ -281,19 +316,52 @@ class SSULM(SSUL):
         return with_memory(current, mem, batch_size, drop_last=len(current) > batch_size,
                            seed=seed * 1000 + step)
 
-    def refresh_memory(self, scenario: Scenario, step: int, seed: int) -> ExemplarMemory:
-        """The memory for training `step`: refilled after every earlier step not yet folded in."""
+    def refresh_memory(self, scenario: Scenario, step: int, seed: int,
+                       old_model: Optional[nn.Module], transform: Callable) -> ExemplarMemory:
+        """The memory for training `step`: refilled after every earlier step not yet folded in,
+        with the previous step's model `old_model` (main.py: memory_sampling_balanced(model_prev)
+        at the start of the step)."""
         if self.memory is None:
-            self.memory = ExemplarMemory(self.memory_size, seed)
+            self.memory = ExemplarMemory(self.memory_size, seed, self.memory_sampling)
         if scenario.train_data is not None:
             self.memory.check_ids(scenario.train_data.ids)
-        # Updated lazily here rather than in on_step_end, which has no scenario, and which the engine
-        # skips when it reuses a shared step-0 checkpoint; replaying the updates in order gives the
-        # same memory after a resume.
-        for s in range(self.memory_step + 1, step):
-            self.memory.update(scenario, s)
+        pending = range(self.memory_step + 1, step)
+        if len(pending) and old_model is None:
+            raise ValueError("SSUL-M chooses its memory with the previous step's model; "
+                             "train_data needs old_model after step 0")
+        # Normally one update, after step-1. Updates a checkpoint lacks (a model continued from
+        # another method's run) are made with the previous step's model, the only one at hand.
+        for s in pending:
+            self.memory.update(self.memory_candidates(scenario, s, old_model, step - 1, transform),
+                               range(1, len(scenario.seen_classes(s))), s,
+                               scenario.train_data.ids if scenario.train_data is not None else None)
         self.memory_step = max(self.memory_step, step - 1)
         return self.memory
+
+    def memory_candidates(self, scenario: Scenario, s: int, model: nn.Module, model_step: int,
+                          transform: Callable) -> list[tuple[int, list[int]]]:
+        """Step s's training images, each with the labels it is known to hold: step s's own labels
+        plus, after step 0, the pseudo-labels of `model` (trained up to `model_step`) on its
+        background (utils/memory.py: threshold 0.7 whatever --pseudo_thresh; no step's ground
+        truth beyond what step s trained on)."""
+        if scenario.train_data is None:
+            raise DataError("SSUL-M needs the scenario's train dataset; build it with build_scenario")
+        data = StepDataset(scenario.train_data, scenario.train_indices(s), scenario.train_lut(s),
+                           unaugmented(transform))
+        num_model = len(scenario.seen_classes(model_step))
+        net = inference_copy(model) if s > 0 else None
+        device = next(model.parameters()).device
+        found: list[tuple[int, list[int]]] = []
+        with torch.inference_mode():
+            for k in range(len(data)):
+                image, label, index = data[k]
+                if net is not None:
+                    logits = net(image[None].to(device)).logits[:, : num_model + self.num_extra_outputs()]
+                    label = pseudo_label(label[None].to(device), logits, num_model,
+                                         MEMORY_PSEUDO_THRESHOLD, softmax=self.loss_type == "ce")[0]
+                held = [int(c) for c in torch.unique(label).tolist() if c not in (BACKGROUND, IGNORE)]
+                found.append((int(index), held))
+        return found
 
     def state_dict(self) -> dict[str, Any]:
         if self.memory is None or self.memory_step < 0:
@@ -307,6 +375,6 @@ class SSULM(SSUL):
         if not state:  # a checkpoint from before any memory: start over
             self.memory, self.memory_step = None, -1
             return
-        memory = ExemplarMemory(self.memory_size)
+        memory = ExemplarMemory(self.memory_size, sampling=self.memory_sampling)
         memory.load_state_dict(state["memory"])
         self.memory, self.memory_step = memory, int(state["memory_step"])
