@@ -75,7 +75,7 @@ def test_pod_loss_zero_for_identical_features_and_logits_merge():
     head = torch.randn(2, 6, 4, 4)
     old_low = torch.randn(2, 3, 4, 4)
     new_low = torch.cat([old_low, torch.zeros(2, 2, 4, 4)], 1)  # new logits add nothing to bg
-    feats = lambda low: {"stages": [s.clone() for s in stages], "head": head.clone(), "logits_lowres": low}
+    feats = lambda low: {"distilled": [s.clone() for s in stages], "head": head.clone(), "logits_lowres": low}
     old = SegOutput(torch.zeros(2, 3, 8, 8), feats(old_low))
     new = SegOutput(torch.zeros(2, 5, 8, 8), feats(new_low))
     plop = build_method("plop")
@@ -94,13 +94,37 @@ def test_without_logits_the_decoder_output_takes_the_last_map_factor():
     stages = [torch.randn(2, 4, 8, 8)]
     head = torch.randn(2, 6, 4, 4)
     low = torch.randn(2, 3, 4, 4)
-    old = SegOutput(torch.zeros(2, 3, 8, 8), {"stages": stages, "head": head, "logits_lowres": low})
-    new = SegOutput(torch.zeros(2, 5, 8, 8), {"stages": [stages[0] + 1], "head": head + 2,
+    old = SegOutput(torch.zeros(2, 3, 8, 8), {"distilled": stages, "head": head, "logits_lowres": low})
+    new = SegOutput(torch.zeros(2, 5, 8, 8), {"distilled": [stages[0] + 1], "head": head + 2,
                                               "logits_lowres": torch.cat([low, low[:, :2]], 1)})
     plop = build_method("plop", pod_logits=False)
     expected = (0.01 * local_pod_distance(stages[0], stages[0] + 1)
                 + 0.0005 * local_pod_distance(head, head + 2)) * math.sqrt(5 / 2) / 2
     torch.testing.assert_close(plop.pod_loss(new, old, CTX), expected)
+
+
+@pytest.mark.parametrize("name,strides", [("efficientnet_lite0", [4, 8, 16, 16]),
+                                          ("efficientnet_lite0_headless", [4, 8, 16, 16]),
+                                          ("tiny", [4, 8, 16])])
+def test_pod_reads_the_stages_the_backbone_declares(name, strides):
+    # PLOP distils ResNet's four stages (strides 4, 8, 16, 16) + decoder output + logits: 6 maps.
+    # Lite0's stride-2 stage has no counterpart and is left out.
+    torch.manual_seed(0)
+    model = build_segmenter(name, classes_per_step=(3,), head_channels=16, pretrained=False).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert [64 // f.shape[-1] for f in out.features["distilled"]] == strides
+    assert [model.backbone.strides[i] for i in model.backbone.distill_stages] == strides
+    assert len(out.features["stages"]) == len(strides) + 1  # one stride-2 stage left out
+    plop = build_method("plop")
+    old = SegOutput(out.logits[:, :3], dict(out.features))
+    low = out.features["logits_lowres"]
+    grown = torch.cat([low, torch.zeros_like(low[:, :2])], 1)  # new logits add nothing to bg
+    other_stages = {**out.features, "logits_lowres": grown,
+                    "stages": [s + 1.0 for s in out.features["stages"]]}
+    assert plop.pod_loss(SegOutput(out.logits, other_stages), old, CTX).item() == 0.0
+    other_distilled = {**other_stages, "distilled": [s + 1.0 for s in out.features["distilled"]]}
+    assert plop.pod_loss(SegOutput(out.logits, other_distilled), old, CTX).item() > 0.0
 
 
 def tiny_setup():

@@ -184,8 +184,8 @@ def test_rcil_loss_terms_and_defaults():
         old_out = old(x)
     # In a freshly built model each twin equals its original, so merging changes no output and the
     # features of the two models coincide.
-    for o, n in zip([*old_out.features["stages"], old_out.features["head"]],
-                    [*out.features["stages"], out.features["head"]]):
+    for o, n in zip([*old_out.features["distilled"], old_out.features["head"]],
+                    [*out.features["distilled"], out.features["head"]]):
         assert pooled_cube_spatial(o, n).item() == pytest.approx(0.0, abs=1e-5)
     spatial, channel = m.pckd_loss(out, old_out, CTX1)
     assert channel.item() == pytest.approx(0.0, abs=1e-5)

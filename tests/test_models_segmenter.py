@@ -19,7 +19,7 @@ def test_output_shapes_and_features():
     out = model(torch.randn(2, 3, 64, 48))
     assert isinstance(out, SegOutput)
     assert out.logits.shape == (2, 5, 64, 48)
-    assert set(out.features) == {"stages", "head", "logits_lowres"}
+    assert set(out.features) == {"stages", "distilled", "head", "logits_lowres"}
     assert [s.shape[1] for s in out.features["stages"]] == model.backbone.out_channels
     assert out.features["head"].shape == (2, 16, 4, 3)
     assert out.features["logits_lowres"].shape == (2, 5, 4, 3)

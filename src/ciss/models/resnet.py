@@ -95,6 +95,7 @@ class ResNet(nn.Module):
 
         self.out_channels = [256, 512, 1024, 2048]
         self.strides = [min(s, output_stride) for s in (4, 8, 16, 32)]
+        self.distill_stages = [0, 1, 2, 3]  # PLOP / RCIL: layer1-4
         self._init_weights()
 
     def _make_layer(self, width: int, blocks: int, stride: int, dilate: bool) -> nn.Sequential:

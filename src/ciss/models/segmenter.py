@@ -23,12 +23,13 @@ class Segmenter(nn.Module):
 
     forward(x) returns ``SegOutput(logits, features)``: logits (B, num_classes + num_extra, H, W),
     bilinearly upsampled (align_corners=False); features "stages" (backbone outputs, shallow to deep),
+    "distilled" (the stages the backbone's ``distill_stages`` names, for feature distillation),
     "head" (B, D, h, w) and "logits_lowres" (B, num_classes + num_extra, h, w).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, classifier: IncrementalClassifier) -> None:
         super().__init__()
-        for attr in ("out_channels", "output_stride"):
+        for attr in ("out_channels", "output_stride", "distill_stages"):
             if not hasattr(backbone, attr):
                 raise TypeError(f"backbone {type(backbone).__name__} lacks `{attr}`; see ciss.models.backbones")
         self.backbone = backbone
@@ -66,7 +67,8 @@ class Segmenter(nn.Module):
                                align_corners=False)
         return SegOutput(
             logits=logits,  # (B, C, H, W)
-            features={"stages": stages, "head": head, "logits_lowres": logits_lowres},
+            features={"stages": stages, "distilled": [stages[i] for i in self.backbone.distill_stages],
+                      "head": head, "logits_lowres": logits_lowres},
         )
 
     def config(self) -> dict[str, Any]:

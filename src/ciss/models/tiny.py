@@ -48,6 +48,7 @@ class TinyBackbone(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.out_channels = list(channels)
         self.strides = [min(2 ** (i + 1), output_stride) for i in range(len(channels))]
+        self.distill_stages = [i for i, s in enumerate(self.strides) if s >= 4]  # as ResNet's 4-16
 
     def early_modules(self, max_stride: int) -> list[nn.Module]:
         """The stages whose output stride is at most ``max_stride`` (never the last)."""
