@@ -104,7 +104,8 @@ INTRODUCED: dict[str, Any] = {"model.frozen_stride": 0, "data.image_cache": Fals
 
 # Recipes: overrides, applied in this order: recipe, YAML file, --set.
 RECIPES: dict[str, dict] = {
-    # MiB/PLOP/SSUL on Pascal VOC: 30 epochs, batch 24, crop 512, OS 16, lr 0.01 then 0.001.
+    # MiB/PLOP on Pascal VOC: 30 epochs, batch 24, crop 512, OS 16, lr 0.01 then 0.001 (SSUL trains
+    # longer, GSC and NeST change some settings: the paper grids carry those, with their sources).
     "paper": {
         "data": {"crop_size": 512, "eval_size": 512},
         "model": {"output_stride": 16, "head_channels": 256},

@@ -50,6 +50,7 @@ class SegOutput:
               method asked the classifier for, e.g. SSUL's unknown class).
     features: named intermediate tensors for distillation:
               "stages": list of backbone stage outputs, shallow to deep, each (B, C_i, H_i, W_i);
+              "distilled": the stages feature distillation reads (the backbone's distill_stages);
               "head":   the decoder output fed to the classifier, (B, D, h, w);
               "logits_lowres": classifier output before upsampling, (B, C, h, w).
     """
