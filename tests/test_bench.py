@@ -1,6 +1,8 @@
 """Experiment grids: expansion, one JSONL row per run and step, finished runs skipped."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -149,3 +151,21 @@ def test_a_point_another_process_is_training_is_left_to_it(tmp_path, capsys):
     assert {r["method"] for r in rows} == {"lwf"}
     assert main(["bench", str(g), "--status"]) == 0  # free again: it is what remains
     assert "to run: " + busy.name in capsys.readouterr().out
+
+
+def test_relative_data_paths_are_read_from_the_grid_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "a" / "grids"
+    folder.mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    g = folder / "g.yaml"
+    g.write_text(yaml.safe_dump({"set": {"data.root": "../../data", "data.test_root": "/abs/test"},
+                                 "axes": {"method": ["ft"], "data.root": ["../../data", "/abs/x"]}}))
+    for cwd in (tmp_path, folder, tmp_path / "data"):
+        monkeypatch.chdir(cwd)
+        grid = read_grid(g)
+        assert (cwd / grid["set"]["data.root"]).resolve() == (tmp_path / "data").resolve()
+        assert (cwd / grid["axes"]["data.root"][0]).resolve() == (tmp_path / "data").resolve()
+        assert grid["set"]["data.test_root"] == "/abs/test" and grid["axes"]["data.root"][1] == "/abs/x"
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the committed grids, from the root
+    grid = read_grid("benchmarks/grids/ccp21_cpu.yaml")
+    assert grid["set"]["data.root"] == os.path.join("..", "shared", "datasets", "ccp21")

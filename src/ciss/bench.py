@@ -6,7 +6,7 @@ checkpoints are shared through the cache as in any run) and appends one JSONL ro
     out_dir: runs/grid               # run directories and grid.jsonl go here
     set:                             # config keys every run shares
       data.dataset: folder
-      data.root: ../shared/datasets/ccp21
+      data.root: ../../../shared/datasets/ccp21   # relative paths: to this file
     axes:                            # config keys to vary; the grid is their product
       method: [ft, mib]
       data.task: [15-1, 10-1]
@@ -15,6 +15,9 @@ checkpoints are shared through the cache as in any run) and appends one JSONL ro
       seed: [0]
       calibration: [null]
     name: "ccp21-{data.task}-{data.setting}-{method}"   # optional run names; {axis} = its value
+
+Relative data paths (`data.root`, `data.test_root`) are read from the grid file's folder, so a grid
+runs from any directory; `out_dir` stays relative to where `ciss bench` runs.
 
 A finished run found under its name is not run again; if grid.jsonl has no rows for it yet (a run
 made by `ciss train` under that name, or an earlier grid), they are written from its results, marked
@@ -51,6 +54,16 @@ def _scalar(v: Any) -> str:
     return "null" if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else str(v))
 
 
+# Keys whose relative values name files next to the grid, not next to the caller.
+GRID_RELATIVE_KEYS = ("data.root", "data.test_root")
+
+
+def _from_grid_dir(value: Any, folder: Path) -> Any:
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return value
+    return os.path.relpath(folder / value)  # as the caller would write it from where it runs
+
+
 def read_grid(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -62,6 +75,13 @@ def read_grid(path: str | Path) -> dict[str, Any]:
     for k, v in grid["axes"].items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"{path}: axis '{k}' must be a non-empty list")
+    folder = path.resolve().parent
+    shared = grid.get("set") or {}
+    for key in GRID_RELATIVE_KEYS:
+        if key in shared:
+            shared[key] = _from_grid_dir(shared[key], folder)
+        if key in grid["axes"]:
+            grid["axes"][key] = [_from_grid_dir(v, folder) for v in grid["axes"][key]]
     unknown = set(grid) - {"recipe", "out_dir", "set", "axes", "name"}
     if unknown:
         raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; use recipe, out_dir, set, axes, name")
