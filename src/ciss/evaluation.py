@@ -57,7 +57,7 @@ def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = 
         if probe:
             own = state.get("probe", {}).get("ncm")
             if own is None:
-                own = exp.step_prototypes(model, t)
+                own = exp.evaluator.step_prototypes(model, t)
                 state.setdefault("probe", {})["ncm"] = own
                 changed = True
             prototypes.update(own)
@@ -65,12 +65,12 @@ def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = 
             if changed:
                 save_checkpoint(path, state)
             continue
-        cals, fitted = exp.step_calibrators(model, t, names, state)
+        cals, fitted = exp.evaluator.step_calibrators(model, t, names, state)
         changed = changed or fitted
         if changed:
             save_checkpoint(path, state)
-        res = exp.evaluate_full(model, t, cals, sweep="sweep" in names,
-                                prototypes=dict(prototypes) if probe else None)
+        res = exp.evaluator.evaluate_full(model, t, cals, sweep="sweep" in names,
+                                          prototypes=dict(prototypes) if probe else None)
         lines.extend(res.lines())
         last = res.raw
         if names or probe:
