@@ -22,8 +22,8 @@ from torch import nn
 from ciss.losses import unbiased_cross_entropy
 from ciss.methods.base import Method, Phase, Wrapper
 from ciss.methods.mib import MiB
-from ciss.methods.nest_generation import (INITS, ClassifierTransform, attach_generation, class_similarity,
-                                          initial_matrices)
+from ciss.methods.nest_generation import (INITS, SOURCES, ClassifierTransform, attach_generation,
+                                          class_similarity, initial_matrices)
 from ciss.methods.plop import PLOP
 from ciss.types import Batch, SegOutput, StepContext, Targets
 
@@ -32,7 +32,7 @@ PRETUNE_LOSSES = ("unce", "base")
 NEW_BIASES = ("fresh", "background")
 
 __all__ = ["NeST", "NeSTMiB", "NeSTPLOP", "ClassifierTransform", "class_similarity", "PRETUNE",
-           "INITS", "PRETUNE_LOSSES", "NEW_BIASES"]
+           "INITS", "SOURCES", "PRETUNE_LOSSES", "NEW_BIASES"]
 
 
 @dataclass
@@ -50,6 +50,13 @@ class NeST(Wrapper):
     # "similarity" (the paper's), "uniform" (every channel and old class alike: the mean old classifier)
     # or "random" (ECCV24_NeST segmentation_module.py: kaiming_normal_ fan_out, the matrices' default).
     init: str = "similarity"
+    # Ablation of the paper's Sec. 4.3 ("equally treated channels"): M starts at 1 while P keeps the
+    # start `init` gives it (with "similarity", softmax_c of the summed similarity). False: the paper's.
+    uniform_channels: bool = False
+    # Which old classifiers generate the new ones: "all" (the paper's, Sec. 3.2) or "background" (the
+    # background classifier alone, as MiB's init: the paper's ablation of the source classifiers, the
+    # official init_via_weight's commented "only bg transform" line); M is then (N, 1, D), P (N, 1).
+    sources: str = "all"
     # ECCV24_NeST argparser.py 'ours' / scripts: --unce_in_warm, no KD in warm-up, for MiB and PLOP alike:
     # MiB's unbiased CE on the raw labels. "base" pre-tunes with the base method's own targets and loss.
     pretune_loss: str = "unce"
@@ -79,7 +86,8 @@ class NeST(Wrapper):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key, valid in (("init", INITS), ("pretune_loss", PRETUNE_LOSSES), ("new_bias", NEW_BIASES)):
+        for key, valid in (("init", INITS), ("sources", SOURCES), ("pretune_loss", PRETUNE_LOSSES),
+                           ("new_bias", NEW_BIASES)):
             if getattr(self, key) not in valid:
                 raise ValueError(f"NeST {key} must be one of {valid}, got '{getattr(self, key)}'")
         if self.pretune_epochs < 0:
@@ -107,11 +115,13 @@ class NeST(Wrapper):
     def initial_transform(self, model: nn.Module, old_model: nn.Module, loader: Iterable[Batch],
                           ctx: StepContext) -> ClassifierTransform:
         convs = old_model.classifier.convs
-        n, c, d = ctx.num_new, ctx.num_old, convs[0].weight.shape[1]
+        n, d = ctx.num_new, convs[0].weight.shape[1]
+        c = ctx.num_old if self.sources == "all" else 1  # the background is the first old row
         similarity = None
         if self.init == "similarity":
-            similarity = class_similarity(old_model, loader, ctx, self.similarity_size)
-        importance, projection = initial_matrices(self.init, (n, c, d), similarity)
+            importance, counts = class_similarity(old_model, loader, ctx, self.similarity_size)
+            similarity = (importance[:, :c], counts)
+        importance, projection = initial_matrices(self.init, (n, c, d), self.uniform_channels, similarity)
         if self.new_bias == "background":
             bias = convs[0].bias.detach()[0].float().repeat(n)
         else:  # the step's new conv is fresh here (NeST skips the base's init): one of its values

@@ -1,8 +1,9 @@
 """NeST's generation of new classifiers from old ones (Xie et al., ECCV 2024): the pre-tuned
-transformation, w_n = sum_c P[n, c] * (M[n, c] * W_old[c]), with importance matrices M (channel
+transformation, w_n = sum_c P[n, c] * (M[n, c] * W_src[c]), with importance matrices M (channel
 level) and projection matrices P (class level); their initialisation from cross-task class
 similarity; and the forward hooks through which a model computes the generated rows while the
-matrices are pre-tuned.
+matrices are pre-tuned. The source classifiers W_src are every old classifier (the paper's) or the
+background classifier alone (its ablation): the first `num_sources` old rows.
 
 Formulas settled against the official code (zhengyuan-xie/ECCV24_NeST); files are named beside each choice.
 """
@@ -19,6 +20,7 @@ from torch import nn
 from ciss.types import Batch, StepContext
 
 INITS = ("similarity", "uniform", "random")
+SOURCES = ("all", "background")
 
 
 def _distributed() -> bool:
@@ -26,8 +28,9 @@ def _distributed() -> bool:
 
 
 class ClassifierTransform(nn.Module):
-    """The pre-tuned parameters: importance (N, C_old, D), projection (N, C_old), new biases (N,), and
-    optionally the background row's channel weights (D,) and scale (1,).
+    """The pre-tuned parameters: importance (N, C_src, D), projection (N, C_src), new biases (N,), and
+    optionally the background row's channel weights (D,) and scale (1,). C_src is the number of
+    source classifiers: C_old, or 1 when only the background generates.
 
     Not part of the segmenter: the model's state_dict keeps its keys and loads strictly.
     """
@@ -45,10 +48,15 @@ class ClassifierTransform(nn.Module):
     def transforms_background(self) -> bool:
         return self.bg_channels is not None
 
+    @property
+    def num_sources(self) -> int:
+        return self.projection.shape[1]
+
     def new_weight(self, old_weight: torch.Tensor) -> torch.Tensor:
-        """(C_old, D) old classifier rows -> (N, D) generated rows."""
+        """(C_old, D) old classifier rows, background first -> (N, D) generated rows."""
         # ECCV24_NeST segmentation_module.py avg_weight_output: weight_new[n] @ (weight_old[n] * W_old).
-        return torch.einsum("nc,ncd,cd->nd", self.projection, self.importance, old_weight)
+        src = old_weight[: self.num_sources]  # (C_src, D)
+        return torch.einsum("nc,ncd,cd->nd", self.projection, self.importance, src)
 
     def background_weight(self, bg_weight: torch.Tensor) -> torch.Tensor:
         """(D,) old background row -> (D,) pre-tuned background row."""
@@ -131,11 +139,13 @@ def class_similarity(old_model: nn.Module, loader: Iterable[Batch], ctx: StepCon
     return importance.float(), counts.float()
 
 
-def initial_matrices(init: str, shape: tuple[int, int, int],
+def initial_matrices(init: str, shape: tuple[int, int, int], uniform_channels: bool = False,
                      similarity: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The starting importance (N, C_old, D) and projection (N, C_old) for `init` ("similarity" needs
-    `similarity`: class_similarity's output)."""
+    """The starting importance (N, C_src, D) and projection (N, C_src) for `init` ("similarity" needs
+    `similarity`: class_similarity's output restricted to the C_src source classes).
+
+    `uniform_channels` sets the importance to 1 after the projection took its start from it."""
     n, c, d = shape
     if init == "similarity":
         importance, counts = similarity
@@ -143,13 +153,15 @@ def initial_matrices(init: str, shape: tuple[int, int, int],
         # A new class absent from the step's data has no similarity: it starts uniform.
         importance[counts == 0] = 1.0
         # ECCV24_NeST reset_weight_old: P[n] = softmax_c(sum_d M[n, c, d]).
-        projection = importance.sum(dim=-1).softmax(dim=-1)  # (N, C_old)
+        projection = importance.sum(dim=-1).softmax(dim=-1)  # (N, C_src)
     elif init == "uniform":
         importance = torch.ones(n, c, d)
         projection = torch.full((n, c), 1.0 / c)
     else:
         importance = nn.init.kaiming_normal_(torch.empty(n, c, d), mode="fan_out")
         projection = nn.init.kaiming_normal_(torch.empty(n, c), mode="fan_out")
+    if uniform_channels:
+        importance = torch.ones(n, c, d)
     return importance, projection
 
 
