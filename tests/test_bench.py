@@ -63,6 +63,25 @@ def test_committed_grids_expand_into_valid_configs():
             load_config(None, overrides(grid, p), recipe=grid.get("recipe"))
 
 
+def test_a_methods_settings_apply_to_its_runs_only(tmp_path):
+    from ciss.bench import overrides
+    from ciss.config import load_config
+
+    g = tmp_path / "g.yaml"
+    g.write_text(yaml.safe_dump({
+        "set": {"optim.lr_next": 0.001}, "axes": {"method": ["ft", "mib"], "optim.epochs": [1, 2]},
+        "methods": {"mib": {"optim.lr_next": 0.00001, "optim.epochs": 9, "method_args.loss_kd": 0.00005}}}))
+    grid = read_grid(g)
+    cfgs = {(p["method"], p["optim.epochs"]): load_config(None, overrides(grid, p)) for p in expand(grid)}
+    assert cfgs["ft", 1].optim.lr_next == 0.001 and cfgs["ft", 1].method_args == {}
+    assert cfgs["mib", 2].optim.lr_next == 0.00001 and cfgs["mib", 2].optim.epochs == 2  # the axis wins
+    assert cfgs["mib", 1].method_args == {"loss_kd": 0.00005}  # a number, not the string '5e-05'
+    for methods, match in (({"lwf": {"seed": 1}}, "no run of the grid uses"), ({"mib": 3}, "maps a method")):
+        g.write_text(yaml.safe_dump({"axes": {"method": ["ft", "mib"]}, "methods": methods}))
+        with pytest.raises(ConfigError, match=match):
+            read_grid(g)
+
+
 def test_named_grid_records_runs_made_outside_it(tmp_path, capsys):
     """A run trained by `ciss train` under the name the grid gives it is recorded, not run again; a
     run of another experiment under that name is refused."""

@@ -15,6 +15,8 @@ checkpoints are shared through the cache as in any run) and appends one JSONL ro
       seed: [0]
       calibration: [null]
     name: "ccp21-{data.task}-{data.setting}-{method}"   # optional run names; {axis} = its value
+    methods:                         # optional: config keys of one method's runs (after `set`;
+      mib: {method_args.loss_kd: 10} # an axis still wins)
 
 Relative data paths (`data.root`, `data.test_root`) are read from the grid file's folder, so a grid
 runs from any directory; `out_dir` stays relative to where `ciss bench` runs.
@@ -54,6 +56,12 @@ def _scalar(v: Any) -> str:
     return "null" if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else str(v))
 
 
+def _set_value(v: Any) -> str:
+    """`v` as `--set` text, which YAML reads back as `v` (JSON's 1e-05 would read as a string)."""
+    text = yaml.safe_dump(v, default_flow_style=True, width=float("inf")).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
 # Keys whose relative values name files next to the grid, not next to the caller.
 GRID_RELATIVE_KEYS = ("data.root", "data.test_root")
 
@@ -82,9 +90,18 @@ def read_grid(path: str | Path) -> dict[str, Any]:
             shared[key] = _from_grid_dir(shared[key], folder)
         if key in grid["axes"]:
             grid["axes"][key] = [_from_grid_dir(v, folder) for v in grid["axes"][key]]
-    unknown = set(grid) - {"recipe", "out_dir", "set", "axes", "name"}
+    unknown = set(grid) - {"recipe", "out_dir", "set", "axes", "name", "methods"}
     if unknown:
-        raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; use recipe, out_dir, set, axes, name")
+        raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; use recipe, out_dir, set, axes, "
+                          f"name, methods")
+    per_method = grid.get("methods") or {}
+    if not isinstance(per_method, dict) or not all(isinstance(v, dict) for v in per_method.values()):
+        raise ConfigError(f"{path}: 'methods' maps a method to config keys of its runs, e.g. "
+                          f"methods: {{gsc: {{optim.epochs_next: 60}}}}")
+    used = {str(m) for m in grid["axes"].get("method", [shared.get("method", "ft")])}
+    if set(per_method) - used:
+        raise ConfigError(f"{path}: 'methods' names {sorted(set(per_method) - used)}, which no run of "
+                          f"the grid uses (its methods: {', '.join(sorted(used))})")
     if "name" in grid:
         template = grid["name"]
         fields = re.findall(r"\{([^{}]*)\}", template) if isinstance(template, str) else []
@@ -106,8 +123,10 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def overrides(grid: dict[str, Any], point: dict[str, Any]) -> list[str]:
-    """`--set` strings of a grid point: the shared keys, then the point's."""
-    return [f"{k}={_scalar(v)}" for k, v in {**(grid.get("set") or {}), **point}.items()]
+    """`--set` strings of a grid point: the shared keys, its method's own (`methods`), the point's."""
+    shared = grid.get("set") or {}
+    own = (grid.get("methods") or {}).get(point.get("method", shared.get("method", "ft")), {})
+    return [f"{k}={_set_value(v)}" for k, v in {**shared, **own, **point}.items()]
 
 
 def run_name(point: dict[str, Any], template: Optional[str] = None) -> str:
