@@ -76,24 +76,6 @@ def parse_task(task: str, num_fg_classes: int) -> list[list[int]]:
     return steps
 
 
-def parse_domain_task(task: str, num_domains: int) -> list[list[int]]:
-    """0-based positions in the domain order introduced at each step ("11-5": 11, 5, 5 cities)."""
-    name = task.strip()
-    if name in JOINT_TASKS:
-        return [list(range(num_domains))]
-    if name in ("10-5", "10-1"):
-        raise DataError(
-            f"task {name!r}: PLOP's code names the cityscapes tasks 10-5 / 10-1 but means 11 "
-            f"cities first (ids 0..10); use the paper's names 11-5 / 11-1"
-        )
-    sizes = step_sizes(name, num_domains, "domains")
-    steps, start = [], 0
-    for n in sizes:
-        steps.append(list(range(start, start + n)))
-        start += n
-    return steps
-
-
 def list_tasks(num_classes: Optional[int] = None) -> list[str]:
     """Task names: all named tasks, or those valid for `num_classes` foreground classes (plus a
     few common N-M patterns for other class counts). Any valid N-M is accepted by build_scenario."""
