@@ -66,6 +66,7 @@ def test_onnx_names_and_metadata(exported):
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["classes"]) == mf.classes and json.loads(meta["mean"]) == mf.mean
     assert json.loads(meta["std"]) == mf.std and json.loads(meta["resize"]) is None
+    assert meta["preprocessing"].startswith("decode to uint8 RGB") and "resize" not in meta["preprocessing"]
 
 
 def test_refuses_an_opset_the_exporter_cannot_write(tmp_path):

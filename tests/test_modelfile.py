@@ -85,6 +85,25 @@ def test_predictor_from_model_file_matches_run_directory(run_dir, tmp_path):
         Predictor(path, step=0)
 
 
+def test_predict_preprocesses_as_evaluation_does(run_dir):
+    """ciss predict brings an image to the trained scale as training and evaluation do (PIL bilinear
+    on the uint8 image, then normalisation), and the ONNX metadata states that rule."""
+    from ciss.data.transforms import EvalTransform, Resized
+    from ciss.export import preprocessing
+
+    pred = Predictor(run_dir)
+    mf = pred.model_file
+    image = _image(40, 61, 3)
+    x, _ = Resized(EvalTransform(None), mf.resize)(image, np.zeros((40, 61), np.uint8))
+    assert x.shape[-2:] == (36, 55)
+    logits = torch.nn.functional.interpolate(_decision(mf, x[None]), size=(40, 61), mode="bilinear",
+                                             align_corners=False)
+    assert np.array_equal(pred.predict(image), logits.argmax(1)[0].numpy().astype(np.uint8))
+    text = preprocessing(mf)
+    assert "resize = 36" in text and "Image.BILINEAR" in text and "round(h * k)" in text
+    assert str(list(mf.mean)) in text and "argmax" in text
+
+
 class _Boom:
     """Unpickling this would create a directory: proof that loading ran foreign code."""
 

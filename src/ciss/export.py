@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from ciss.data.transforms import RESIZE_RULE
 from ciss.modelfile import ModelFile, load_model
 from ciss.models import fold_parallel_branches
 from ciss.results import atomic_write_bytes
@@ -61,6 +62,19 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def preprocessing(mf: ModelFile) -> str:
+    """The steps that make the graph's input from an image, as training, evaluation and `ciss
+    predict` do; resizing another way (another library or filter) changes predictions."""
+    steps = ["decode to uint8 RGB (H0, W0, 3)"]
+    if mf.resize:
+        steps.append(f"resize = {mf.resize}: " + RESIZE_RULE)
+    steps += ["float32 / 255", f"(x - mean) / std per channel, mean {list(mf.mean)}, std {list(mf.std)}",
+              "transpose to (1, 3, H, W)",
+              "output logits (N, C, H, W): bilinear upsampling (align_corners=False) to (H0, W0), "
+              "then argmax over C"]
+    return "; ".join(steps)
+
+
 def export_onnx(source: ModelFile | str | Path, path: str | Path, height: Optional[int] = None,
                 width: Optional[int] = None, opset: int = 18) -> Path:
     """Write an ONNX graph of the model's decision logits to `path` and return it.
@@ -70,7 +84,8 @@ def export_onnx(source: ModelFile | str | Path, path: str | Path, height: Option
     (`resize`, the shorter side) is the caller's job. Output "logits": float32 (N, C, H, W), the
     method's decision logits (its `eval_logits`) at the input's size; argmax over C is the label.
     N, H and W are dynamic (H, W >= 2); `height` x `width` (default crop_size x crop_size) is only
-    the example traced. Class names, mean, std and resize are stored in the graph's metadata.
+    the example traced. Class names, mean, std, resize and the whole preprocessing (`preprocessing`)
+    are stored in the graph's metadata.
 
     Uses the torch.export-based exporter (`dynamo=True`, needs onnxscript): the legacy TorchScript
     exporter lacks operators some decision rules use (SSUL's logaddexp). Its lowest opset is 18.
@@ -95,7 +110,7 @@ def export_onnx(source: ModelFile | str | Path, path: str | Path, height: Option
     proto = program.model_proto
     meta = {"ciss_format": "ciss-onnx-v1", "classes": json.dumps(mf.classes),
             "mean": json.dumps(mf.mean), "std": json.dumps(mf.std), "resize": json.dumps(mf.resize),
-            "method": mf.method}
+            "method": mf.method, "preprocessing": preprocessing(mf)}
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ciss.data.transforms import resize_image, shorter_size
 from ciss.metrics import predicted_labels
 from ciss.modelfile import ModelFile, load_model
 
@@ -76,15 +77,14 @@ class Predictor:
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
         """image (H, W, 3) uint8 RGB -> (H, W) uint8 model labels."""
+        h, w = image.shape[:2]
+        if self.resize:  # as in training and evaluation (RESIZE_RULE), before normalising
+            image = resize_image(np.ascontiguousarray(image, dtype=np.uint8),
+                                 *shorter_size(h, w, self.resize))
         x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div(255)
         mean = torch.tensor(self.model_file.mean).view(3, 1, 1)
         std = torch.tensor(self.model_file.std).view(3, 1, 1)
         x = ((x - mean) / std)[None].to(self.device)
-        h, w = image.shape[:2]
-        if self.resize:
-            k = self.resize / min(h, w)
-            x = torch.nn.functional.interpolate(x, size=(max(1, round(h * k)), max(1, round(w * k))),
-                                                mode="bilinear", align_corners=False)
         # the method's own decision rule (e.g. SSUL folds 'unknown' into the background)
         logits = self.model_file.decision_logits(self.model(x))
         if logits.shape[-2:] != (h, w):

@@ -32,12 +32,24 @@ def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torc
     return img, lbl
 
 
+# How every image is brought to another size, in training, evaluation, prediction and the ONNX
+# metadata: PIL's bilinear filter on the uint8 RGB image (antialiased when shrinking).
+RESIZE_RULE = ("PIL Image.resize((W, H), Image.BILINEAR) on the uint8 RGB image, "
+               "(H, W) = (round(h * k), round(w * k)) with k = resize / min(h, w)")
+
+
+def resize_image(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H0, W0, 3) uint8 -> (h, w, 3) uint8 by RESIZE_RULE's filter."""
+    if (h, w) == image.shape[:2]:
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
 def _resize(image: np.ndarray, label: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     if (h, w) == image.shape[:2]:
         return image, label
-    img = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
     lbl = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
-    return img, lbl
+    return resize_image(image, h, w), lbl
 
 
 def _check(image: np.ndarray, label: np.ndarray) -> None:
