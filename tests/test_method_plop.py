@@ -213,3 +213,23 @@ def test_plop_step_loss_and_step0():
     t0 = plop.make_targets(b, out, None, ctx0)
     assert t0.weight is None and torch.equal(t0.label, b.label)
     assert plop.base_step_key() == "ce"
+
+
+def test_a_domain_step_distils_with_factor_one():
+    # A domain-incremental step (Cityscapes domains) adds no class: sqrt(seen / new) would divide by
+    # zero; the official task lists give such a step every class, a factor of 1.
+    from ciss.methods.plop import step_factor
+
+    assert step_factor(StepContext(step=1, classes_per_step=(19, 0), num_steps=2)) == 1.0
+    assert step_factor(CTX) == pytest.approx(math.sqrt(5 / 2))
+    torch.manual_seed(0)
+    feats = {"distilled": [torch.randn(2, 4, 8, 8)], "head": torch.randn(2, 6, 4, 4),
+             "logits_lowres": torch.randn(2, 3, 4, 4)}
+    moved = {k: [v[0] + 1] if k == "distilled" else v + 1 for k, v in feats.items()}
+    ctx = StepContext(step=1, classes_per_step=(3, 0), num_steps=2)
+    pod = build_method("plop").pod_loss(SegOutput(torch.zeros(2, 3, 8, 8), moved),
+                                        SegOutput(torch.zeros(2, 3, 8, 8), feats), ctx)
+    unscheduled = build_method("plop", pod_schedule=False).pod_loss(
+        SegOutput(torch.zeros(2, 3, 8, 8), moved), SegOutput(torch.zeros(2, 3, 8, 8), feats), ctx)
+    assert torch.isfinite(pod) and pod.item() > 0 and torch.equal(pod, unscheduled)
+

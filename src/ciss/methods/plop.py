@@ -45,6 +45,12 @@ def merge_new_into_background(logits: torch.Tensor, num_old: int) -> torch.Tenso
     return torch.cat([bg, logits[:, 1:num_old]], dim=1)
 
 
+
+def step_factor(ctx: StepContext) -> float:
+    """PLOP's distillation schedule sqrt(seen classes / new classes). A domain-incremental step adds
+    no class; its official task lists give every step all the classes, i.e. a factor of 1."""
+    return math.sqrt(ctx.num_seen / ctx.num_new) if ctx.num_new else 1.0
+
 @dataclass
 class PLOP(Method):
     """CE on pseudo-labelled targets (weighted per image by PLOP's adaptive factor) + Local POD."""
@@ -179,7 +185,7 @@ class PLOP(Method):
         # or the decoder output when the logits are not distilled.
         factors = [self.pod_factor] * (len(new_maps) - 1) + [self.pod_logits_factor]
         # PLOP features_distillation: sqrt(nb_current_classes / nb_new_classes) on every layer.
-        schedule = math.sqrt(ctx.num_seen / ctx.num_new) if self.pod_schedule else 1.0
+        schedule = step_factor(ctx) if self.pod_schedule else 1.0
         total = sum(f * local_pod_distance(o, n, self.spp_scales)
                     for f, o, n in zip(factors, old_maps, new_maps))
         # PLOP returns the sum over layers divided by the number of layers.

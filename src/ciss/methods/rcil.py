@@ -11,7 +11,6 @@ average pooling at six window sizes and channel pooling, on squared activations 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -22,7 +21,7 @@ from ciss.losses import pooled_cube_channel, pooled_cube_spatial
 from ciss.methods.base import Method
 from ciss.methods.gsc import GSC
 from ciss.methods.mib import MiB
-from ciss.methods.plop import merge_new_into_background
+from ciss.methods.plop import merge_new_into_background, step_factor
 from ciss.models.parallel import merge_parallel_branches, parallel_modules
 from ciss.types import Batch, SegOutput, StepContext, Targets
 
@@ -91,7 +90,7 @@ class RCIL(MiB):
         """(spatial, channel) pooled cube distillation over backbone stages, decoder output and logits."""
         new_maps = [*out.features["distilled"], out.features["head"]]
         old_maps = [*old.features["distilled"], old.features["head"]]
-        schedule = math.sqrt(ctx.num_seen / ctx.num_new) if self.pckd_schedule else 1.0
+        schedule = step_factor(ctx) if self.pckd_schedule else 1.0
         # Channel term: feature maps only (the official code drops the logits from it).
         # The official channel loop gives its last feature map the logits' factor (an index of the
         # shortened list); we keep the feature factor for every feature map, as for the spatial term.
