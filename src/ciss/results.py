@@ -200,6 +200,17 @@ class RunDir:
                     break  # a line cut by a crash: everything before it is valid
         return rows
 
+    def keep_losses(self, step: int, upto: Optional[tuple[int, int]]) -> None:
+        """Drop the losses.jsonl rows of work a resume redoes: those of `step` after (phase index,
+        epoch) `upto` (all of them when None) and of later steps; a row cut by a crash goes too."""
+        rows = self.read_jsonl("losses.jsonl")
+        kept = [r for r in rows if int(r["step"]) < step or int(r["step"]) == step and upto is not None
+                and (int(r.get("phase_index", 0)), int(r["epoch"])) <= upto]
+        path = self.path / "losses.jsonl"
+        if path.is_file() and (len(kept) != len(rows) or not path.read_text().endswith("\n")
+                               and path.stat().st_size):
+            atomic_write_text(path, "".join(dumps(r) + "\n" for r in kept))
+
     def step_results(self) -> dict[int, dict]:
         """The latest evaluation record of each step."""
         out: dict[int, dict] = {}

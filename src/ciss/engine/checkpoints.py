@@ -48,9 +48,11 @@ def load_into(model: nn.Module, state: dict[str, Any], method: Optional[Method])
     return model
 
 
-def resume_point(run: RunDir, done: dict[int, dict], num_steps: int,
-                 init_steps: int) -> tuple[int, Optional[dict[str, Any]]]:
-    """The first step to train, and the partial checkpoint of it to go on from (None: its start).
+def resume_point(run: RunDir, done: dict[int, dict], num_steps: int, init_steps: int,
+                 trim: bool = True) -> tuple[int, Optional[dict[str, Any]]]:
+    """The first step to train (or, when its checkpoint exists, only to evaluate), and the partial
+    checkpoint of it to go on from (None: its start). `trim`: drop the loss rows of the work that
+    will be redone.
 
     The last step with both a checkpoint and an evaluation record (`done`) is complete; the steps of
     an init_from model (`init_steps`) need no record.
@@ -66,6 +68,10 @@ def resume_point(run: RunDir, done: dict[int, dict], num_steps: int,
         state = load_checkpoint(run.last_ckpt)
         if state["step"] == first:
             partial = state
+    if trim and first < num_steps:
+        trained = run.step_ckpt(first).is_file()
+        run.keep_losses(first + trained, (partial["phase"], partial["epoch"])
+                        if partial is not None and not trained else None)
     return first, partial
 
 

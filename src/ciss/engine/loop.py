@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ciss.config import OptimConfig
 from ciss.engine.data import DeviceLoader, iter_batches
 from ciss.engine.distributed import autocast_ctx, unwrap
+from ciss.engine.seeding import seed_epoch
 from ciss.methods import Method, Phase
 from ciss.models import inference_copy
 from ciss.types import SegOutput, StepContext
@@ -40,7 +41,7 @@ def poly_lambda(total_iters: int, power: float):
 def train_phase(model: nn.Module, old_model: Optional[nn.Module], loader: DataLoader,
                 ctx: StepContext, phase: Phase, phase_idx: int, lr: float, resume: Optional[dict], *,
                 method: Method, optim: OptimConfig, device: torch.device, show_progress: bool,
-                ckpt_dir: Path, epoch_done: EpochDone) -> None:
+                ckpt_dir: Path, epoch_done: EpochDone, seed: int = 0) -> None:
     """Train `phase` of step `ctx.step`; `resume` is a partial checkpoint to continue from."""
     core = unwrap(model)
     method.on_phase_start(phase, core, old_model, DeviceLoader(loader, device), ctx)
@@ -76,8 +77,7 @@ def train_phase(model: nn.Module, old_model: Optional[nn.Module], loader: DataLo
             f"then rerun the same command to resume.")
 
     for epoch in range(start_epoch, phase.epochs):
-        if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
-            loader.sampler.set_epoch(epoch)
+        seed_epoch(seed, ctx.step, phase_idx, epoch, loader)  # as if no epoch had run before it
         sums: dict[str, torch.Tensor] = {}
         n = 0
         bar = tqdm(iter_batches(loader, device), total=len(loader), leave=False, disable=not show_progress,

@@ -6,14 +6,12 @@ record. It knows no method by name: methods act only through their hooks."""
 from __future__ import annotations
 
 import copy
-import random
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,18 +33,13 @@ from ciss.engine.distributed import init_distributed, rank_device, unwrap, wrap_
 from ciss.engine.evaluator import StepEvaluator
 from ciss.engine.log import RunLog
 from ciss.engine.loop import train_phase
+from ciss.engine.seeding import seed_everything, seed_step
 from ciss.methods import Method, Phase, build_method
 from ciss.metrics import StepMetrics, forgetting, format_table
 from ciss.models import build_segmenter, freeze_early
 from ciss.results import LockHeld, RunDir, exclusive, load_checkpoint, save_checkpoint
 from ciss.scenario import Scenario, build_scenario
 from ciss.types import StepContext
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def peak_rss_mb() -> float:
@@ -168,7 +161,7 @@ class Experiment:
             if not self.dist.main:
                 return
             self.run.append_jsonl("losses.jsonl", {"step": ctx.step, "phase": phase.name,
-                                                   "epoch": epoch, **means})
+                                                   "phase_index": phase_idx, "epoch": epoch, **means})
             self.log.scalars(f"step{ctx.step}/{phase.name}", means, epoch)
             save_checkpoint(self.run.last_ckpt, checkpoint_state(
                 model, ctx.step, self.method, phase=phase_idx, epoch=epoch, optimizer=opt.state_dict(),
@@ -176,7 +169,7 @@ class Experiment:
 
         train_phase(model, old_model, loader, ctx, phase, phase_idx, lr, resume, method=self.method,
                     optim=self.cfg.optim, device=self.device,
-                    show_progress=bool(self.cfg.progress and self.dist.main),
+                    show_progress=bool(self.cfg.progress and self.dist.main), seed=self.cfg.seed,
                     ckpt_dir=self.run.path / "ckpt", epoch_done=epoch_done)
 
     def run_wall_time(self) -> float:
@@ -217,7 +210,7 @@ class Experiment:
         model = self.build_model((scn.classes_per_step[0],)).to(self.device)
         init_steps = (install_model_file(self.init_model, cfg.init_from, scn.classes_per_step, self.method,
                                          self.run, self.dist) if self.init_model is not None else 0)
-        first, partial = resume_point(self.run, done, scn.num_steps, init_steps)
+        first, partial = resume_point(self.run, done, scn.num_steps, init_steps, trim=self.dist.main)
         if first > 0:
             self.load_into(model, load_checkpoint(self.run.step_ckpt(first - 1)))
             model.to(self.device)
@@ -234,7 +227,13 @@ class Experiment:
             self.log.print(format_table([r]).splitlines()[-1] if r.step else format_table([r]))
 
         for step in range(first, scn.num_steps):
-            self.train_step(model, step, partial)
+            if self.run.step_ckpt(step).is_file() and step not in done:
+                # trained, then stopped before its evaluation was recorded: evaluate it, no retraining
+                self.load_into(model, load_checkpoint(self.run.step_ckpt(step)))
+                model.to(self.device)
+                self.log.print(f"step {step}: trained in an earlier invocation; evaluating it")
+            else:
+                self.train_step(model, step, partial)
             partial = None
             if not self.evaluates:  # data.test_split "none": trained, checkpointed, not evaluated
                 if self.dist.main:
@@ -279,6 +278,7 @@ class Experiment:
         scn = self.train_scenario
         core = unwrap(model)
         old_model = None
+        seed_step(cfg.seed, step, "start")  # the new classifiers' initialisation
         if step > 0:
             old_model = frozen_copy(core)
             if scn.classes_per_step[step] > 0:  # domain-incremental steps add no class
@@ -308,6 +308,7 @@ class Experiment:
                 self.log.print(f"step 0: reusing the base-step checkpoint {base_path}")
             else:
                 dev_loader = DeviceLoader(loader, self.device)
+                seed_step(cfg.seed, step, "train")  # resumed or not, the same draws from here on
                 self.method.on_step_start(core, old_model, dev_loader, ctx)
                 train_model = wrap_ddp(core, self.device) if self.dist.enabled else core
                 for i, phase in enumerate(self.method.phases(ctx)):
