@@ -3,7 +3,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 import ciss.engine
@@ -261,3 +263,20 @@ def test_models_take_the_configured_memory_layout(tiny_cfg, channels_last):
              if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1 and m.weight.shape[1] > 1]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == channels_last
                          for w in convs)
+
+
+def test_a_run_does_not_resume_on_other_data(tmp_path, tiny_cfg):
+    # the same command, but a label file of the folder was edited in between
+    from test_data_folder import write_folder
+
+    root = write_folder(tmp_path / "folder", n=6, size=(32, 32), ext=".png")
+    args = ("data.dataset=folder", f"data.root={root}", "data.task=1-1", "data.options={}", "name=data")
+    first = train(tiny_cfg(*args, "optim.epochs=1"))
+    meta = json.loads((first.run_dir / "meta.json").read_text())
+    assert set(meta["data"]) == {"train", "test"} and meta["data"]["train"] and meta["data"]["test"]
+    (first.run_dir / "summary.json").unlink()  # as if it had stopped before its end
+    label = np.zeros((32, 32), np.uint8)
+    label[:4] = 2
+    Image.fromarray(label, mode="L").save(root / "labels" / "000.png")
+    with pytest.raises(ValueError, match="trained on other train data"):
+        train(tiny_cfg(*args, "optim.epochs=1"))

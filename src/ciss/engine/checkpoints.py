@@ -6,6 +6,7 @@ model file as done. (ciss.results writes the files atomically and reads them wit
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
@@ -75,10 +76,19 @@ def resume_point(run: RunDir, done: dict[int, dict], num_steps: int, init_steps:
     return first, partial
 
 
-def check_same_experiment(run: RunDir, cfg: RunConfig) -> None:
-    """Refuse to resume a run directory that holds another experiment's checkpoints."""
+def check_same_experiment(run: RunDir, cfg: RunConfig, data: Optional[dict[str, str]] = None) -> None:
+    """Refuse to resume a run directory that holds another experiment's checkpoints, or that was
+    trained on other data (`data`: the datasets' cache keys, which name their folder, split, images
+    and label files)."""
     if not run.config_path.is_file() or not any((run.path / "ckpt").glob("*.pt")):
         return
+    meta = run.path / "meta.json"
+    before = json.loads(meta.read_text()).get("data") if meta.is_file() else None
+    if data is not None and before is not None and before != data:
+        changed = " and ".join(k for k in data if before.get(k) != data[k])
+        raise ValueError(f"{run.path} was trained on other {changed} data (another folder, split, "
+                         f"image list or label files: {before} -> {data}); resume it on the data it "
+                         f"was trained on, or pick another run name (--set name=...)")
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}

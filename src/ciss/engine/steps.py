@@ -198,10 +198,11 @@ class Experiment:
         cfg = self.cfg
         t0 = time.time()
         seed_everything(cfg.seed)
-        check_same_experiment(self.run, cfg)
+        data = {"train": self.train_set.cache_key(), "test": self.test_set and self.test_set.cache_key()}
+        check_same_experiment(self.run, cfg, data)
         if self.dist.main:
             self.run.write_config(to_dict(cfg))
-            self.run.write_meta(cfg.seed, {"world_size": self.dist.world,
+            self.run.write_meta(cfg.seed, {"world_size": self.dist.world, "data": data,
                                            "uses_memory": self.method.uses_memory})
             if cfg.tensorboard:
                 self.log.open_tensorboard(self.run.path / "tb")
