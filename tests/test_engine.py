@@ -91,11 +91,33 @@ def extra_methods(monkeypatch):
 
 def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tiny_cfg, extra_methods):
     cfg = tiny_cfg("method=_exploding")
-    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
-        train(cfg)
+    with pytest.raises(TrainingDiverged, match=r"step 1 diverged .*--set optim.lr_next=0.001\b"):
+        train(cfg)  # the tiny recipe's lr_next is 0.01
     run = Path(cfg.out_dir)
     ckpt = next(run.glob("*/ckpt/step-0.pt"))
     assert load_checkpoint(ckpt)["step"] == 0
+    assert not list(run.glob("*/ckpt/last.pt"))  # no partial checkpoint of the diverging step
+
+
+def test_a_blow_up_is_caught_before_anything_is_saved_and_a_lower_lr_resumes(tiny_cfg, capsys):
+    from ciss.cli import main
+
+    args = ["train", "--recipe", "tiny"]
+    sets = [a for s in ("data.dataset=synthetic", "data.task=4-2", "data.crop_size=32",
+                        "data.options={num_classes: 6, size: 32, length: 24}", "optim.epochs=2",
+                        f"out_dir={tiny_cfg().out_dir}", f"cache_dir={tiny_cfg().cache_dir}",
+                        "name=blowup", "progress=false", "tensorboard=false") for a in ("--set", s)]
+    assert main([*args, *sets, "--set", "optim.lr=1e6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ciss: error: step 0 diverged") and "--set optim.lr=100000" in err
+    run = Path(tiny_cfg().out_dir) / "blowup"
+    assert not list((run / "ckpt").glob("*.pt"))  # nothing saved as good
+    assert not list(Path(tiny_cfg().cache_dir).rglob("*.pt"))  # nor cached as a shared step 0
+    assert main([*args, *sets, "--set", "optim.lr=0.05"]) == 0  # the lowered lr is accepted
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["changes"] == [{"key": "optim.lr", "from": 1e6, "to": 0.05, "from_step": 0}]
+    with pytest.raises(ValueError, match="step 0, which is finished"):
+        train(tiny_cfg("name=blowup", "optim.epochs=2", "optim.lr=0.01"))
 
 
 def test_resume_continues_from_last_epoch(tiny_cfg, extra_methods):
@@ -221,7 +243,9 @@ def test_tensorboard_receives_every_loss_term_and_metric(tiny_cfg):
 
 def test_a_run_directory_of_another_experiment_is_not_resumed(tiny_cfg):
     train(tiny_cfg("name=same"))
-    with pytest.raises(ValueError, match="another configuration.*optim.lr"):
+    with pytest.raises(ValueError, match="another configuration.*optim.momentum"):
+        train(tiny_cfg("name=same", "optim.momentum=0.5"))
+    with pytest.raises(ValueError, match="optim.lr is the lr of step 0, which is finished"):
         train(tiny_cfg("name=same", "optim.lr=0.5"))
     train(tiny_cfg("name=same", "progress=true"))  # cosmetic keys may change
 

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 FORMAT = "ciss-checkpoint-v1"
 
 # Keys that may change between an interrupted run and its resumption.
+# The lr of the steps a resume has still to train may change (after a divergence); recorded.
+LR_KEYS = ("optim.lr", "optim.lr_next")
 RESUMABLE_CHANGES = ("progress", "tensorboard", "device", "channels_last", "out_dir", "name",
                      "cache_dir", "data.num_workers", "data.root", "optim.eval_batch_size",
                      "data.image_cache")
@@ -76,14 +78,22 @@ def resume_point(run: RunDir, done: dict[int, dict], num_steps: int, init_steps:
     return first, partial
 
 
-def check_same_experiment(run: RunDir, cfg: RunConfig, data: Optional[dict[str, str]] = None) -> None:
+def check_same_experiment(run: RunDir, cfg: RunConfig,
+                          data: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
     """Refuse to resume a run directory that holds another experiment's checkpoints, or that was
     trained on other data (`data`: the datasets' cache keys, which name their folder, split, images
-    and label files)."""
-    if not run.config_path.is_file() or not any((run.path / "ckpt").glob("*.pt")):
-        return
+    and label files). The lr of steps not finished yet may change (after a divergence): returns
+    every such change the run has had, to be kept in meta.json."""
     meta = run.path / "meta.json"
-    before = json.loads(meta.read_text()).get("data") if meta.is_file() else None
+    recorded = json.loads(meta.read_text()) if meta.is_file() else {}
+    changes = list(recorded.get("changes", []))
+    if not run.config_path.is_file():
+        return changes
+    if not any((run.path / "ckpt").glob("*.pt")):  # nothing kept: any configuration may start over
+        old = run.read_config()["optim"]
+        return changes + [{"key": f"optim.{k}", "from": old.get(k), "to": getattr(cfg.optim, k),
+                           "from_step": 0} for k in ("lr", "lr_next") if old.get(k) != getattr(cfg.optim, k)]
+    before = recorded.get("data")
     if data is not None and before is not None and before != data:
         changed = " and ".join(k for k in data if before.get(k) != data[k])
         raise ValueError(f"{run.path} was trained on other {changed} data (another folder, split, "
@@ -103,10 +113,19 @@ def check_same_experiment(run: RunDir, cfg: RunConfig, data: Optional[dict[str, 
     for key, value in INTRODUCED.items():  # a run made before a key existed had its old behaviour
         old.setdefault(key, value)
     diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    finished = [int(p.stem.split("-")[1]) for p in (run.path / "ckpt").glob("step-*.pt")]
+    first = max(finished, default=-1) + 1  # the first step the new value would train
+    for key in [k for k in diff if k in LR_KEYS]:
+        if key == "optim.lr" and first > 0:
+            raise ValueError(f"{run.path}: optim.lr is the lr of step 0, which is finished; changing it "
+                             f"changes nothing (the lr of later steps is optim.lr_next)")
+        changes.append({"key": key, "from": old.get(key), "to": new.get(key), "from_step": first})
+        diff.remove(key)
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
         raise ValueError(f"{run.path} holds a run with another configuration ({shown}); "
                          f"pick another run name (--set name=...) or delete that folder")
+    return changes
 
 
 def install_model_file(mf: "ModelFile", source: str, classes_per_step: tuple[int, ...], method: Method,

@@ -29,8 +29,14 @@ EpochDone = Callable[[int, Phase, int, dict[str, float], torch.optim.Optimizer,
                       torch.optim.lr_scheduler.LRScheduler], None]
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN/inf; the last good checkpoint is left untouched."""
+class TrainingDiverged(ValueError):
+    """The loss became NaN/inf or blew up, or a weight stopped being finite: a setting to change
+    (the step's lr), not a bug. The partial checkpoint of the diverging step is discarded."""
+
+
+# A loss this many times the phase's first one is a blow-up, not learning (a step's losses start at
+# their largest; lr 1e6 took step 0 of ccp21 from about 3 to 1.5e11 before any NaN).
+BLOWUP = 1e4
 
 
 def poly_lambda(total_iters: int, power: float):
@@ -71,10 +77,14 @@ def train_phase(model: nn.Module, old_model: Optional[nn.Module], loader: DataLo
     sync_every = 1 if device.type == "cpu" else 20
 
     def diverged(epoch: int, what: str) -> TrainingDiverged:
+        (ckpt_dir / "last.pt").unlink(missing_ok=True)  # the diverging trajectory is not kept
+        key = "optim.lr" if ctx.step == 0 else "optim.lr_next"
         return TrainingDiverged(
-            f"step {ctx.step}, phase '{phase.name}', epoch {epoch + 1}: {what}. The last good "
-            f"checkpoint in {ckpt_dir} is intact; lower optim.lr or check the data, "
-            f"then rerun the same command to resume.")
+            f"step {ctx.step} diverged (phase '{phase.name}', epoch {epoch + 1}: {what}). Lower "
+            f"{key} (now {lr:g}): rerun the same command with --set {key}={lr / 10:g}; the finished "
+            f"steps in {ckpt_dir} are kept and step {ctx.step} starts again.")
+
+    first_loss: Optional[float] = None
 
     for epoch in range(start_epoch, phase.epochs):
         seed_epoch(seed, ctx.step, phase_idx, epoch, loader)  # as if no epoch had run before it
@@ -93,9 +103,12 @@ def train_phase(model: nn.Module, old_model: Optional[nn.Module], loader: DataLo
                 targets = method.make_targets(batch, out, old_out, ctx)
                 terms = method.loss(out, targets, old_out, batch, ctx)
             loss = terms["loss"]
-            if n % sync_every == 0 and not torch.isfinite(loss):
-                raise diverged(epoch, f"loss is {loss.detach().item()} "
-                               f"({ {k: float(v.detach()) for k, v in terms.items()} })")
+            if n % sync_every == 0:
+                value = float(loss.detach())
+                first_loss = value if first_loss is None else first_loss
+                if not np.isfinite(value) or abs(value) > BLOWUP * max(abs(first_loss), 1e-3):
+                    raise diverged(epoch, f"loss {value:g}, {abs(first_loss):g} at its start "
+                                   f"({ {k: float(v.detach()) for k, v in terms.items()} })")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if optim.grad_clip:
@@ -113,5 +126,7 @@ def train_phase(model: nn.Module, old_model: Optional[nn.Module], loader: DataLo
         means = {k: float(v) / max(1, n) for k, v in sums.items()}
         if not all(np.isfinite(v) for v in means.values()):
             raise diverged(epoch, f"mean losses {means}")
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise diverged(epoch, "a weight is no longer finite")
         epoch_done(phase_idx, phase, epoch, means, opt, sched)
     method.on_phase_end(phase, core, old_model, DeviceLoader(loader, device), ctx)

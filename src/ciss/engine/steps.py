@@ -199,10 +199,10 @@ class Experiment:
         t0 = time.time()
         seed_everything(cfg.seed)
         data = {"train": self.train_set.cache_key(), "test": self.test_set and self.test_set.cache_key()}
-        check_same_experiment(self.run, cfg, data)
+        changes = check_same_experiment(self.run, cfg, data)
         if self.dist.main:
             self.run.write_config(to_dict(cfg))
-            self.run.write_meta(cfg.seed, {"world_size": self.dist.world, "data": data,
+            self.run.write_meta(cfg.seed, {"world_size": self.dist.world, "data": data, "changes": changes,
                                            "uses_memory": self.method.uses_memory})
             if cfg.tensorboard:
                 self.log.open_tensorboard(self.run.path / "tb")
