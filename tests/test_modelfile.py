@@ -157,3 +157,22 @@ def test_refuses_malformed_files(run_dir, tmp_path, change, message):
         load_model(path)
     assert str(path) in str(err.value)
 
+
+
+def test_a_swapped_checkpoint_is_refused_naming_the_file(run_dir, tmp_path):
+    import shutil
+
+    from ciss.evaluation import evaluate_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.copy(copy / "ckpt" / "step-0.pt", copy / "ckpt" / "step-1.pt")  # step 0's file as step 1
+    with pytest.raises(ValueError, match=r"step-1.pt is not this run's checkpoint of step 1: it holds step 0"):
+        Predictor(copy, step=1)
+    with pytest.raises(ValueError, match="step-1.pt is not this run's checkpoint"):
+        evaluate_run(copy, step=1)
+    other = train(tiny_config(tmp_path, "method=ssul", "data.resize=36", "name=wide",
+                              "model.head_channels=24", "optim.epochs=1"))
+    shutil.copy(other.run_dir / "ckpt" / "step-1.pt", copy / "ckpt" / "step-1.pt")
+    with pytest.raises(ValueError, match=r"head_channels 24 \(the run's: 32\)"):
+        Predictor(copy, step=1)

@@ -13,7 +13,7 @@ from ciss.calibration import parse_calibration
 from ciss.config import from_dict
 from ciss.engine import Experiment
 from ciss.metrics import format_table
-from ciss.results import RunDir, load_checkpoint, save_checkpoint
+from ciss.results import RunDir, save_checkpoint
 
 PROBES = ("ncm",)
 
@@ -48,7 +48,7 @@ def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = 
         if step is not None and (t > step or t < step and not probe):  # the probe needs earlier steps
             continue
         path = run.step_ckpt(t)
-        state = load_checkpoint(path)
+        state = run.step_state(t)
         if model is None:
             model = exp.build_model(tuple(state["model_config"]["classes_per_step"][:1]))
         exp.load_into(model, state)

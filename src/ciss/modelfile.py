@@ -17,7 +17,7 @@ from ciss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ciss.methods import Method, build_method
 from ciss.models import build_segmenter
 from ciss.models.segmenter import Segmenter
-from ciss.results import RunDir, load_checkpoint, save_checkpoint
+from ciss.results import RunDir, save_checkpoint
 from ciss.types import SegOutput, StepContext
 
 FORMAT = "ciss-model-v1"
@@ -117,7 +117,7 @@ class ModelFile:
         if step is not None and step not in ckpts:
             raise FileNotFoundError(f"{run_dir}: no checkpoint for step {step}; have {ckpts}")
         step = ckpts[-1] if step is None else step
-        state = load_checkpoint(run.step_ckpt(step))
+        state = run.step_state(step)
         cfg = run.read_config()
         data = cfg.get("data") or {}
         model_config = dict(state["model_config"])

@@ -200,6 +200,22 @@ class RunDir:
                     break  # a line cut by a crash: everything before it is valid
         return rows
 
+    def step_state(self, step: int) -> dict[str, Any]:
+        """The checkpoint of `step`, refused (naming the file) when it is not this run's: another step,
+        or a model of another architecture than the run's config."""
+        path = self.step_ckpt(step)
+        state = load_checkpoint(path)
+        model = (self.read_config().get("model") or {}) if self.config_path.is_file() else {}
+        have = state.get("model_config") or {}
+        wrong = [f"{k} {have.get(k)!r} (the run's: {model[k]!r})" for k in ("backbone", "head_channels")
+                 if k in model and have.get(k) != model[k]]
+        if state.get("step") != step:
+            wrong.insert(0, f"step {state.get('step')!r}")
+        if wrong:
+            raise ValueError(f"{path} is not this run's checkpoint of step {step}: it holds "
+                             f"{', '.join(wrong)}; put the run's own file back or retrain the step")
+        return state
+
     def keep_losses(self, step: int, upto: Optional[tuple[int, int]]) -> None:
         """Drop the losses.jsonl rows of work a resume redoes: those of `step` after (phase index,
         epoch) `upto` (all of them when None) and of later steps; a row cut by a crash goes too."""
