@@ -225,3 +225,16 @@ def test_renumbered_labels_still_refuse_values_outside_classes_txt(folder):
         ds.class_presence(0)
     with pytest.raises(DataError, match="classes.txt"):
         ds.load_mask(0)
+
+
+def test_a_truncated_image_is_caught_by_the_label_scan_before_training(folder, tmp_path):
+    from ciss.scenario import build_scenario
+
+    path = folder / "images" / "001.jpg"  # large enough for its header to survive the cut
+    noise = np.random.default_rng(0).integers(0, 255, (120, 160, 3)).astype(np.uint8)
+    Image.fromarray(noise).save(path, quality=95)
+    Image.fromarray(np.zeros((120, 160), np.uint8), mode="L").save(folder / "labels" / "001.png")
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # cut mid-stream
+    FolderDataset(folder)  # the headers read fine
+    with pytest.raises(DataError, match=r"001.jpg .*truncated"):
+        build_scenario(FolderDataset(folder), "1-1", cache_dir=tmp_path / "cache", progress=False)

@@ -284,6 +284,9 @@ class FolderDataset(LabelFileDataset):
         return self._lut[mask]
 
     def class_presence(self, i: int) -> np.ndarray:
+        # The scan that reads every label (once per dataset, then cached) decodes its image too, so a
+        # truncated or broken image stops the run before training, naming the file.
+        read_rgb(self._image_paths[i])
         present = label_histogram(self.label_path(i)) > 0
         if self._lut is None:
             return present
