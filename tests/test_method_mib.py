@@ -101,6 +101,20 @@ def test_mib_loss_terms_and_step0():
     assert mib.base_step_key() == "ce"
 
 
+def test_mib_reads_no_old_class_label_and_ft_does():
+    # docs/extend.md: with MiB a new folder's labels of old classes are not used; its unbiased CE
+    # folds every old class into background, so the loss is the same with them as background.
+    old, model, ctx = grown_pair()
+    label, out, old_out = outputs_on_random_batch(model, old)
+    as_background = torch.where(label < ctx.num_old, torch.zeros_like(label), label)
+    assert (label != as_background).any()
+    mib, ft = build_method("mib"), build_method("ft")
+    torch.testing.assert_close(mib.loss(out, Targets(label), old_out, None, ctx)["loss"],
+                               mib.loss(out, Targets(as_background), old_out, None, ctx)["loss"])
+    assert not torch.allclose(ft.loss(out, Targets(label), old_out, None, ctx)["loss"],
+                              ft.loss(out, Targets(as_background), old_out, None, ctx)["loss"])
+
+
 def test_mib_defaults_are_the_papers():
     m = build_method("mib")
     assert (m.loss_kd, m.alpha, m.init_balanced) == (10.0, 1.0, True)
