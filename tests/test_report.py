@@ -135,3 +135,16 @@ def test_prediction_figures_can_be_limited_to_some_methods(runs, tmp_path, capsy
     assert code == 2
     err = capsys.readouterr().err
     assert "mibb" in err and "ft, mib" in err
+
+
+def test_joint_is_an_upper_bound_of_the_last_step_not_a_step_0_figure(runs, tmp_path):
+    from conftest import tiny_config
+
+    joint = train(tiny_config(tmp_path, "method=joint", "name=joint")).run_dir
+    res = write_report([*runs, joint], tmp_path / "rep", images=0)
+    text = res["markdown"].read_text()
+    row = json.loads((joint / "results.jsonl").read_text().splitlines()[-1])
+    line = next(l for l in text.splitlines() if l.startswith("| joint |") and "step" not in l
+                and l.count("|") == 4)
+    assert line == f"| joint | - | {100 * row['miou_all']:.2f} |"  # under the last step only
+    assert (tmp_path / "rep" / "synthetic_4_2_overlapped_steps.png").is_file()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +132,11 @@ def markdown(runs: Sequence[RunRecord], figures: dict[str, list[str]]) -> str:
                   "| method | " + " | ".join(f"step {t}" for t in range(n_steps)) + " |",
                   "|---|" + "---:|" * n_steps]
         for label, rs in by_method.items():
-            cells = [_mean_std([r.steps[t]["miou_all"] for r in rs if t < len(r.steps)]) for t in range(n_steps)]
+            if _offline(rs, n_steps):  # trained once on every class: its figure is the last step's
+                cells = ["-"] * (n_steps - 1) + [_mean_std([r.steps[0]["miou_all"] for r in rs])]
+            else:
+                cells = [_mean_std([r.steps[t]["miou_all"] for r in rs if t < len(r.steps)])
+                         for t in range(n_steps)]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         for fig in figures.get(group, []):
             lines += ["", f"![{Path(fig).stem}]({fig})"]
@@ -175,6 +178,12 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
+def _offline(rs: Sequence[RunRecord], n_steps: int) -> bool:
+    """Runs of one step among incremental ones: an offline method (Joint) that learned every class
+    at once, an upper bound for the last step rather than a step-0 figure."""
+    return n_steps > 1 and all(len(r.steps) == 1 for r in rs)
+
+
 def _style(k: int) -> dict[str, Any]:
     """Colour and line style of the k-th method: 20 distinct colours, then dashed, dotted..."""
     import matplotlib
@@ -204,11 +213,19 @@ def plot_steps(group: str, by_method: dict[str, list[RunRecord]], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    n_steps = max(len(r.steps) for rs in by_method.values() for r in rs)
     for k, (label, rs) in enumerate(by_method.items()):
+        if _offline(rs, n_steps):  # a level line over the steps, not a dot at step 0
+            level = np.nanmean([100 * r.steps[0]["miou_all"] for r in rs])
+            ax.axhline(level, label=f"{label} (all classes at once)", **{**_style(k), "linestyle": "--"})
+            continue
         n = max(len(r.steps) for r in rs)
         mean = [np.nanmean([100 * r.steps[t]["miou_all"] for r in rs if t < len(r.steps)]) for t in range(n)]
         ax.plot(range(n), mean, marker="o", label=label, **_style(k))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("mIoU, all seen classes (%)")
     ax.set_title(group, fontsize=9)
@@ -233,10 +250,12 @@ def plot_forgetting(group: str, by_method: dict[str, list[RunRecord]], path: Pat
     names = list(names) + [str(i) for i in range(len(names), n)]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * n), 4), dpi=110)
     width = 0.8 / len(have)
-    for k, (label, rs) in enumerate(have.items()):
+    slot = {label: j for j, label in enumerate(have)}
+    for label, rs in have.items():
+        k = list(by_method).index(label)  # the colour it has in every figure
         vals = [np.nanmean([100 * (r.forgetting[c] if c < len(r.forgetting) and r.forgetting[c] is not None
                                    else np.nan) for r in rs]) for c in range(n)]
-        ax.bar(np.arange(n) + k * width, vals, width=width, label=label, color=_style(k)["color"])
+        ax.bar(np.arange(n) + slot[label] * width, vals, width=width, label=label, color=_style(k)["color"])
     ax.set_xticks(np.arange(n) + 0.4 - width / 2)
     ax.set_xticklabels(names[:n], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("forgetting (IoU points)")
