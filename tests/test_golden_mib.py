@@ -4,8 +4,6 @@ inputs. Regenerate with tests/golden/make_golden.py; these tests read only the c
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -21,21 +19,7 @@ from ciss.methods.mib import MiB
 from ciss.models.classifier import IncrementalClassifier
 from ciss.types import IGNORE, Batch, SegOutput, StepContext, Targets
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
-RTOL = 1e-6
-
-
-def load(name: str) -> dict:
-    return json.loads((GOLDEN / f"{name}.json").read_text())
-
-
-def t(a: dict) -> torch.Tensor:
-    return torch.tensor(a["data"], dtype=getattr(torch, a["dtype"])).reshape(a["shape"])
-
-
-def close(ours, golden, rtol: float = RTOL, atol: float = 0.0) -> None:
-    torch.testing.assert_close(torch.as_tensor(ours, dtype=torch.float64), torch.as_tensor(golden, dtype=torch.float64),
-                               rtol=rtol, atol=atol)
+from golden_common import close, load, t
 
 
 # ---- utils/loss.py, called directly: same reductions as ours (factor 1) ------------------------------

@@ -10,8 +10,6 @@ probabilities in float32, the golden numbers are float64, so each comparison all
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -21,22 +19,13 @@ from ciss.methods.nest import ClassifierTransform, NeST, class_similarity
 from ciss.models.classifier import IncrementalClassifier
 from ciss.types import Batch, SegOutput, StepContext
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
-RTOL = 1e-6
-
-
-def load(name: str) -> dict:
-    return json.loads((GOLDEN / f"{name}.json").read_text())
-
-
-def t(a: dict) -> torch.Tensor:
-    return torch.tensor(a["data"], dtype=getattr(torch, a["dtype"])).reshape(a["shape"])
+from golden_common import RTOL, load, t
+from golden_common import close as _close
 
 
 def close(ours, golden) -> None:
-    golden = torch.as_tensor(golden, dtype=torch.float64)
-    torch.testing.assert_close(torch.as_tensor(ours, dtype=torch.float64), golden, rtol=RTOL,
-                               atol=RTOL * float(golden.abs().max()))
+    """Float32 computations: also 1e-6 of the largest golden value, absolute."""
+    _close(ours, golden, atol=RTOL * float(torch.as_tensor(golden, dtype=torch.float64).abs().max()))
 
 
 G = load("nest")

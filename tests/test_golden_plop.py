@@ -11,9 +11,7 @@ uncorrected code gives on the same inputs."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,21 +20,7 @@ from ciss.losses import local_pod_distance, plop_uncertainty
 from ciss.methods.plop import PLOP, merge_new_into_background
 from ciss.types import IGNORE, Batch, SegOutput, StepContext
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
-RTOL = 1e-6
-
-
-def load(name: str) -> dict:
-    return json.loads((GOLDEN / f"{name}.json").read_text())
-
-
-def t(a: dict) -> torch.Tensor:
-    return torch.tensor(a["data"], dtype=getattr(torch, a["dtype"])).reshape(a["shape"])
-
-
-def close(ours, golden, rtol: float = RTOL, atol: float = 0.0) -> None:
-    torch.testing.assert_close(torch.as_tensor(ours, dtype=torch.float64), torch.as_tensor(golden, dtype=torch.float64),
-                               rtol=rtol, atol=atol)
+from golden_common import close, load, t
 
 
 G = load("plop")

@@ -4,9 +4,7 @@ and features_distillation_channel, VOC factors."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -15,21 +13,7 @@ from ciss.methods.plop import merge_new_into_background
 from ciss.methods.rcil import RCIL
 from ciss.types import SegOutput, StepContext
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
-RTOL = 1e-6
-
-
-def load(name: str) -> dict:
-    return json.loads((GOLDEN / f"{name}.json").read_text())
-
-
-def t(a: dict) -> torch.Tensor:
-    return torch.tensor(a["data"], dtype=getattr(torch, a["dtype"])).reshape(a["shape"])
-
-
-def close(ours, golden, rtol: float = RTOL, atol: float = 0.0) -> None:
-    torch.testing.assert_close(torch.as_tensor(ours, dtype=torch.float64), torch.as_tensor(golden, dtype=torch.float64),
-                               rtol=rtol, atol=atol)
+from golden_common import close, load, t
 
 
 G = load("rcil_pckd")

@@ -9,8 +9,6 @@ tests map one onto the other (labels, and the logits' channels for the BCE, whic
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,21 +18,7 @@ from ciss.methods.ssul import SSUL, mark_unknown
 from ciss.scenario import Scenario, parse_task
 from ciss.types import IGNORE, Batch, SegOutput, StepContext, Targets
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
-RTOL = 1e-6
-
-
-def load(name: str) -> dict:
-    return json.loads((GOLDEN / f"{name}.json").read_text())
-
-
-def t(a: dict) -> torch.Tensor:
-    return torch.tensor(a["data"], dtype=getattr(torch, a["dtype"])).reshape(a["shape"])
-
-
-def close(ours, golden, rtol: float = RTOL, atol: float = 0.0) -> None:
-    torch.testing.assert_close(torch.as_tensor(ours, dtype=torch.float64), torch.as_tensor(golden, dtype=torch.float64),
-                               rtol=rtol, atol=atol)
+from golden_common import close, load, t
 
 
 G = load("ssul")
