@@ -304,3 +304,21 @@ def test_a_run_does_not_resume_on_other_data(tmp_path, tiny_cfg):
     Image.fromarray(label, mode="L").save(root / "labels" / "000.png")
     with pytest.raises(ValueError, match="trained on other train data"):
         train(tiny_cfg(*args, "optim.epochs=1"))
+
+
+def test_a_shared_step_0_is_evaluated_once(tiny_cfg, monkeypatch):
+    from ciss.engine.evaluator import StepEvaluator
+
+    first = train(tiny_cfg("name=a", "method=ft"))
+    kept = list(Path(tiny_cfg().cache_dir).rglob("*.eval-*.json"))
+    assert len(kept) == 1
+    evaluated = []
+    real = StepEvaluator._evaluate
+    monkeypatch.setattr(StepEvaluator, "_evaluate",
+                        lambda self, model, step, *a: evaluated.append(step) or real(self, model, step, *a))
+    second = train(tiny_cfg("name=b", "method=lwf"))  # same base step, read from the cache
+    assert evaluated == [1]  # step 0's figures were read back, not computed again
+    assert second.steps[0].iou == first.steps[0].iou
+    # the same checkpoint evaluated at another size is evaluated on its own
+    train(tiny_cfg("name=c", "method=lwf", "data.eval_size=24"))
+    assert evaluated == [1, 0, 1] and len(list(Path(tiny_cfg().cache_dir).rglob("*.eval-*.json"))) == 2

@@ -13,14 +13,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ciss.calibration import CALIBRATORS, Calibrator, GammaSweep, build_calibrator, tradeoff_curve
-from ciss.config import RunConfig
+from ciss.config import RunConfig, stable_hash
 from ciss.engine.data import progress_batches, step_images
 from ciss.engine.distributed import DistInfo, autocast_ctx, unwrap
 from ciss.methods import Method
 from ciss.metrics import ConfusionMatrix, StepMetrics, format_table, predicted_labels, step_metrics
 from ciss.models import inference_copy
 from ciss.probe import class_means, ncm_logits
-from ciss.results import load_checkpoint, save_checkpoint
+from ciss.results import atomic_write_text, dumps, load_checkpoint, loads, save_checkpoint
 from ciss.scenario import Scenario
 from ciss.types import Batch, StepContext
 
@@ -142,11 +142,38 @@ class StepEvaluator:
         return class_means(model, self._batches(step, True, f"prototypes step {step}"), classes)
 
     @torch.no_grad()
+    def shared_result(self, base: Path) -> Path:
+        """Where the evaluation of the shared step-0 checkpoint `base` is kept, under a key of all
+        that decides its figures: the test images and labels, their sizes, the decision rule and
+        the arithmetic (device, precision, layout, threads)."""
+        rule = type(self.method).eval_logits
+        key = {"test": self.scenario.test_data.cache_key() if self.scenario.test_data is not None else None,
+               "eval_size": self.cfg.data.eval_size, "resize": self.cfg.data.resize,
+               "rule": f"{rule.__module__}.{rule.__qualname__}", "extra": self.method.num_extra_outputs(),
+               "device": self.device.type, "amp": self.cfg.optim.amp, "threads": torch.get_num_threads(),
+               "channels_last": self.cfg.channels_last}
+        return base.with_name(f"{base.stem}.eval-{stable_hash(key)}.json")
+
     def evaluate_full(self, model: nn.Module, step: int,
                       calibrators: Optional[dict[str, Calibrator]] = None, sweep: bool = False,
-                      prototypes: Optional[dict[int, torch.Tensor]] = None) -> EvalResult:
+                      prototypes: Optional[dict[int, torch.Tensor]] = None,
+                      shared: Optional[Path] = None) -> EvalResult:
         """The trained model's figures and, in the same pass, calibrated ones, the gamma sweep and
-        the nearest-prototype probe (each only when asked)."""
+        the nearest-prototype probe (each only when asked). `shared`: the shared step-0 checkpoint
+        the model holds; its plain evaluation is computed once and then read back."""
+        kept = (self.shared_result(shared) if shared is not None and step == 0 and not calibrators
+                and prototypes is None and not self.dist.enabled else None)
+        if kept is not None and kept.is_file():
+            row = loads(kept.read_text())
+            return EvalResult(raw=StepMetrics(step=0, iou=[float("nan") if v is None else v for v in row["iou"]],
+                                              num_base=row["num_base"], class_names=row.get("class_names")))
+        result = self._evaluate(model, step, calibrators, sweep, prototypes)
+        if kept is not None:
+            atomic_write_text(kept, dumps(result.raw.as_dict()))
+        return result
+
+    def _evaluate(self, model: nn.Module, step: int, calibrators: Optional[dict[str, Calibrator]],
+                  sweep: bool, prototypes: Optional[dict[int, torch.Tensor]]) -> EvalResult:
         core = inference_copy(unwrap(model))
         scn = self.scenario
         ctx = self.context(step, 0, 0)

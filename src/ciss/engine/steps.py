@@ -244,7 +244,8 @@ class Experiment:
                 continue
             calibrators = self.evaluator.calibrate_step(model, step, self.calibration,
                                                         self.run.step_ckpt(step))
-            res_t = self.evaluator.evaluate_full(model, step, calibrators, sweep="sweep" in self.calibration)
+            res_t = self.evaluator.evaluate_full(model, step, calibrators, sweep="sweep" in self.calibration,
+                                                 shared=self.base_cache_path() if cfg.reuse_base else None)
             results.append(res_t.raw)
             if self.dist.main:
                 self.run.append_jsonl("results.jsonl", {**res_t.as_dict(), **self._clock(t0)})
