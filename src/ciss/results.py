@@ -223,9 +223,9 @@ class RunDir:
         kept = [r for r in rows if int(r["step"]) < step or int(r["step"]) == step and upto is not None
                 and (int(r.get("phase_index", 0)), int(r["epoch"])) <= upto]
         path = self.path / "losses.jsonl"
-        if path.is_file() and (len(kept) != len(rows) or not path.read_text().endswith("\n")
-                               and path.stat().st_size):
-            atomic_write_text(path, "".join(dumps(r) + "\n" for r in kept))
+        text = "".join(dumps(r) + "\n" for r in kept)  # as append_jsonl writes them
+        if path.is_file() and path.read_text() != text:
+            atomic_write_text(path, text)
 
     def step_results(self) -> dict[int, dict]:
         """The latest evaluation record of each step."""

@@ -113,8 +113,7 @@ def check_same_experiment(run: RunDir, cfg: RunConfig,
     for key, value in INTRODUCED.items():  # a run made before a key existed had its old behaviour
         old.setdefault(key, value)
     diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
-    finished = [int(p.stem.split("-")[1]) for p in (run.path / "ckpt").glob("step-*.pt")]
-    first = max(finished, default=-1) + 1  # the first step the new value would train
+    first = max(run.checkpointed_steps(), default=-1) + 1  # the first step the new value would train
     for key in [k for k in diff if k in LR_KEYS]:
         if key == "optim.lr" and first > 0:
             raise ValueError(f"{run.path}: optim.lr is the lr of step 0, which is finished; changing it "

@@ -47,7 +47,7 @@ def poly_lambda(total_iters: int, power: float):
 def train_phase(model: nn.Module, old_model: Optional[nn.Module], loader: DataLoader,
                 ctx: StepContext, phase: Phase, phase_idx: int, lr: float, resume: Optional[dict], *,
                 method: Method, optim: OptimConfig, device: torch.device, show_progress: bool,
-                ckpt_dir: Path, epoch_done: EpochDone, seed: int = 0) -> None:
+                last_ckpt: Path, epoch_done: EpochDone, seed: int = 0) -> None:
     """Train `phase` of step `ctx.step`; `resume` is a partial checkpoint to continue from."""
     core = unwrap(model)
     method.on_phase_start(phase, core, old_model, DeviceLoader(loader, device), ctx)
@@ -77,12 +77,12 @@ def train_phase(model: nn.Module, old_model: Optional[nn.Module], loader: DataLo
     sync_every = 1 if device.type == "cpu" else 20
 
     def diverged(epoch: int, what: str) -> TrainingDiverged:
-        (ckpt_dir / "last.pt").unlink(missing_ok=True)  # the diverging trajectory is not kept
+        last_ckpt.unlink(missing_ok=True)  # the diverging trajectory is not kept
         key = "optim.lr" if ctx.step == 0 else "optim.lr_next"
         return TrainingDiverged(
             f"step {ctx.step} diverged (phase '{phase.name}', epoch {epoch + 1}: {what}). Lower "
             f"{key} (now {lr:g}): rerun the same command with --set {key}={lr / 10:g}; the finished "
-            f"steps in {ckpt_dir} are kept and step {ctx.step} starts again.")
+            f"steps in {last_ckpt.parent} are kept and step {ctx.step} starts again.")
 
     first_loss: Optional[float] = None
 

@@ -170,7 +170,7 @@ class Experiment:
         train_phase(model, old_model, loader, ctx, phase, phase_idx, lr, resume, method=self.method,
                     optim=self.cfg.optim, device=self.device,
                     show_progress=bool(self.cfg.progress and self.dist.main), seed=self.cfg.seed,
-                    ckpt_dir=self.run.path / "ckpt", epoch_done=epoch_done)
+                    last_ckpt=self.run.last_ckpt, epoch_done=epoch_done)
 
     def run_wall_time(self) -> float:
         """Seconds this run has worked, over all its invocations (see RunDir.kept_wall_time)."""

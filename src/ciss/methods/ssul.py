@@ -25,7 +25,7 @@ from ciss.data.base import SegDataset
 from ciss.data.errors import DataError
 from ciss.data.memory import SAMPLINGS, ExemplarMemory, with_memory
 from ciss.data.transforms import unaugmented
-from ciss.losses import binary_cross_entropy_one_hot
+from ciss.losses import binary_cross_entropy_one_hot, cross_entropy
 from ciss.methods.base import Method, Phase
 from ciss.models.fusion import inference_copy
 from ciss.models.segmenter import set_bn_eval
@@ -256,10 +256,7 @@ class SSUL(Method):
         # main.py criterion(outputs, labels): every output, old classes and unknown included.
         logits = out.logits[:, : ctx.num_seen + self.num_extra_outputs()]
         if self.loss_type == "ce":  # nn.CrossEntropyLoss(ignore_index=255): mean over labelled pixels
-            per_pixel = F.cross_entropy(logits.float(), targets.label, ignore_index=IGNORE, reduction="none")
-            if targets.weight is not None:
-                per_pixel = per_pixel * targets.weight
-            ce = per_pixel.sum() / (targets.label != IGNORE).sum().clamp_min(1)
+            ce = cross_entropy(logits.float(), targets.label, targets.weight)
             return {"loss": ce, "ce": ce}
         bce = binary_cross_entropy_one_hot(logits, targets.label, targets.weight)
         return {"loss": bce, "bce": bce}
