@@ -74,3 +74,13 @@ def test_wrapper_delegates_every_hook():
     assert wrapped.num_extra_outputs() == 1 and wrapped.base_step_key() == SSUL().base_step_key()
     assert inspect.signature(Wrapper.train_data).parameters.keys() == \
         inspect.signature(Method.train_data).parameters.keys()
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_runs_with_the_skip_fusion(name, tiny_cfg):
+    """The methods that read features["head"] (prototypes, distillation, NeST's generation) take it at
+    the fusion's finer resolution too."""
+    exp = Experiment(tiny_cfg(f"method={name}", "model.skip_stride=4", "optim.epochs=1"))
+    res = exp.run_all()
+    assert len(res.steps) == exp.train_scenario.num_steps
+    assert all(math.isfinite(s.miou_all) for s in res.steps)

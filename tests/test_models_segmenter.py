@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from ciss.models import Segmenter, build_segmenter, set_bn_eval
+from ciss.models import Segmenter, build_segmenter, inference_copy, set_bn_eval
 from ciss.types import SegOutput
 
 
@@ -118,3 +119,40 @@ def test_efficientnet_segmenter_pretrained():
     out = model.eval()(torch.randn(1, 3, 64, 64))
     assert out.logits.shape == (1, 3, 64, 64)
     assert out.features["head"].shape == (1, 32, 4, 4)
+
+
+def test_skip_fusion_gives_the_head_a_finer_map_and_round_trips():
+    torch.manual_seed(0)
+    model = build_segmenter("tiny", head_channels=16, classes_per_step=(3, 2), skip_stride=4)
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.features["head"].shape == (2, 16, 16, 16)  # stride 4, where the head alone is at 16
+    assert out.features["logits_lowres"].shape == (2, 5, 16, 16) and out.logits.shape == (2, 5, 64, 64)
+    assert build_segmenter("tiny", head_channels=16)(x).features["head"].shape[-1] == 4
+    config = model.config()
+    assert config["skip_stride"] == 4 and "skip_stride" not in build_segmenter("tiny").config()
+    again = build_segmenter(**config)
+    again.load_state_dict(model.state_dict(), strict=True)
+    model.eval()
+    with torch.no_grad():  # the fusion's conv-BN pairs fold like the head's
+        want = model(x).logits
+        got = inference_copy(model)(x).logits
+    assert (want - got).abs().max() <= 1e-4 * want.abs().max()
+    # the low-level stage receives gradient through the fusion
+    model.train()
+    model(x).logits.sum().backward()
+    assert model.skip.low[0].weight.grad is not None and model.skip.low[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stride", [16, 3, 32])
+def test_skip_stride_must_name_a_shallower_stage(stride):
+    with pytest.raises(ValueError, match="model.skip_stride"):
+        build_segmenter("tiny", head_channels=16, skip_stride=stride)
+
+
+def test_rcil_parallel_branches_reach_the_skip_fusion():
+    from ciss.models.parallel import ParallelConvBN
+
+    model = build_segmenter("tiny", head_channels=16, skip_stride=4, parallel_branches=True)
+    assert isinstance(model.skip.fuse[0], ParallelConvBN)
+    assert not isinstance(model.skip.low[0], ParallelConvBN)  # a 1x1 reduction, as in the head

@@ -54,6 +54,8 @@ class ModelConfig:
     # detectron2 freezes a pretrained backbone's stem and first stage: backward skips the layers at
     # the highest resolutions.
     frozen_stride: int = 0
+    # > 0: DeepLabV3+'s decoder step fuses the head's map with the backbone stage of this stride
+    skip_stride: int = 0
 
 
 @dataclass
@@ -100,7 +102,7 @@ class RunConfig:
 # Keys added after runs were made, with the value those runs had implicitly: a run directory whose
 # config lacks one is read with that value (to resume it, or to compare it with a new config).
 INTRODUCED: dict[str, Any] = {"model.frozen_stride": 0, "data.image_cache": False, "model.head_reduce": 0,
-                               "model.dilated": True}
+                               "model.dilated": True, "model.skip_stride": 0}
 
 # Recipes: overrides, applied in this order: recipe, YAML file, --set.
 RECIPES: dict[str, dict] = {
@@ -230,6 +232,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "model.head_channels": (lambda v: v >= 1, "at least 1"),
     "model.head_reduce": (lambda v: v >= 0, "0 (none) or a channel count"),
     "model.frozen_stride": (lambda v: v >= 0, "0 (none) or an output stride"),
+    "model.skip_stride": (lambda v: v >= 0, "0 (none) or the stride of a backbone stage"),
 }
 
 

@@ -142,6 +142,7 @@ def extend(model: str | Path, data: str | Path, out: str | Path, method: str = D
     cfg.model.head_channels = mc["head_channels"]
     cfg.model.head_reduce = int(mc.get("head_reduce", 0))
     cfg.model.dilated = bool(mc.get("dilated", True))
+    cfg.model.skip_stride = int(mc.get("skip_stride", 0))
     cfg.model.pretrained = False  # every weight comes from the model file
     cfg.data.options = {"classes": union}
     if parent.resize is not None:

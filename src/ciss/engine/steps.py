@@ -120,7 +120,7 @@ class Experiment:
         m = self.cfg.model
         model = build_segmenter(backbone=m.backbone, pretrained=m.pretrained,
                                 output_stride=m.output_stride, head_channels=m.head_channels,
-                                head_reduce=m.head_reduce, dilated=m.dilated,
+                                head_reduce=m.head_reduce, dilated=m.dilated, skip_stride=m.skip_stride,
                                 classes_per_step=classes_per_step,
                                 num_extra=self.method.num_extra_outputs(),
                                 **self.method.architecture())

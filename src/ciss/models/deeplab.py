@@ -97,3 +97,28 @@ class ASPPHead(nn.Module):
         pyramid = [branch(x) for branch in self.branches] + [self.pooling(x)]
         y = self.project(torch.cat(pyramid, dim=1))  # (B, channels, h, w)
         return self.refine(self.dropout(y))
+
+
+class SkipFusion(nn.Module):
+    """DeepLabV3+'s decoder step: the head's map (B, D, h, w), upsampled bilinearly to a shallower
+    backbone stage's size, concatenated with that stage brought to ``reduce`` channels by a 1x1
+    conv-BN-ReLU, then a 3x3 conv-BN-ReLU back to D channels: (B, D, H_s, W_s). The papers' DeepLabV3
+    has no such step; it gives small and thin objects a finer map than output stride 16 does.
+    """
+
+    def __init__(self, low_channels: int, channels: int, reduce: int = 48) -> None:
+        super().__init__()
+        self.low = _conv_bn_relu(low_channels, reduce, 1)
+        self.fuse = _conv_bn_relu(channels + reduce, channels, 3)
+        self.out_channels = channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def branch_points(self) -> list[tuple[nn.Module, str, str]]:
+        """Its 3x3 conv-BN (a decoder conv: RCIL gives it a parallel branch); the 1x1 reduction has none."""
+        return [(self.fuse, "0", "1")]
+
+    def forward(self, head: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        up = nn.functional.interpolate(head, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([up, self.low(low)], dim=1))

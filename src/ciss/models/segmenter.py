@@ -1,4 +1,5 @@
-"""The segmenter: backbone -> DeepLabV3 head -> incremental classifier -> logits at input size."""
+"""The segmenter: backbone -> DeepLabV3 head [-> skip fusion] -> incremental classifier -> logits at
+input size."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from ..types import SegOutput
 from .backbones import build_backbone
 from .classifier import IncrementalClassifier
-from .deeplab import ASPPHead
+from .deeplab import ASPPHead, SkipFusion
 from .parallel import add_parallel_branches, parallel_modules
 
 
@@ -25,9 +26,13 @@ class Segmenter(nn.Module):
     bilinearly upsampled (align_corners=False); features "stages" (backbone outputs, shallow to deep),
     "distilled" (the stages the backbone's ``distill_stages`` names, for feature distillation),
     "head" (B, D, h, w) and "logits_lowres" (B, num_classes + num_extra, h, w).
+
+    ``skip`` (optional): a ``SkipFusion`` of the head's map with backbone stage ``skip_stage``; then
+    "head" is its output, at that stage's resolution.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, classifier: IncrementalClassifier) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, classifier: IncrementalClassifier,
+                 skip: SkipFusion | None = None, skip_stage: int = -1) -> None:
         super().__init__()
         for attr in ("out_channels", "output_stride", "distill_stages"):
             if not hasattr(backbone, attr):
@@ -35,6 +40,8 @@ class Segmenter(nn.Module):
         self.backbone = backbone
         self.head = head
         self.classifier = classifier
+        self.skip = skip
+        self.skip_stage = int(skip_stage)
 
     @property
     def classes_per_step(self) -> tuple[int, ...]:
@@ -60,6 +67,8 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> SegOutput:  # (B, 3, H, W)
         stages = self.backbone(x)  # shallow to deep, each (B, C_i, H_i, W_i)
         head = self.head(stages[-1])  # (B, D, h, w)
+        if self.skip is not None:
+            head = self.skip(head, stages[self.skip_stage])  # (B, D, H_s, W_s)
         logits_lowres = self.classifier(head)  # (B, C, h, w)
         # Upsampled from a contiguous (NCHW) map: losses and argmax over the class dimension run
         # faster on it than on channels-last logits (benchmarks/results/train_speed.md).
@@ -91,6 +100,8 @@ class Segmenter(nn.Module):
             config["dilated"] = False
         if self.head.in_reduce:  # only when set, so models without it keep their config
             config["head_reduce"] = self.head.in_reduce
+        if self.skip is not None:
+            config["skip_stride"] = int(self.backbone.strides[self.skip_stage])
         if parallel_modules(self):  # only when present, so plain models keep their config
             config["parallel_branches"] = True
         return config
@@ -106,17 +117,28 @@ def build_segmenter(
     parallel_branches: bool = False,
     head_reduce: int = 0,
     dilated: bool = True,
+    skip_stride: int = 0,
 ) -> Segmenter:
     """DeepLabV3 on a registered backbone (``list_backbones()``); ``pretrained`` is passed to
     ``build_backbone`` (only the backbone is ever pretrained). ``parallel_branches`` doubles the
-    spatial conv-BN pairs of backbone and head (``ciss.models.parallel``; RCIL's architecture)."""
+    spatial conv-BN pairs of backbone and head (``ciss.models.parallel``; RCIL's architecture).
+    ``skip_stride`` > 0 fuses the head's map with the backbone stage of that stride (``SkipFusion``,
+    DeepLabV3+'s decoder step); 0 keeps DeepLabV3."""
     body = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
     if not dilated:
         undilate(body)
     head = ASPPHead(body.out_channels[-1], channels=head_channels, output_stride=output_stride,
                     reduce=head_reduce)
     classifier = IncrementalClassifier(head_channels, classes_per_step, num_extra=num_extra)
-    model = Segmenter(body, head, classifier)
+    skip, skip_stage = None, -1
+    if skip_stride:
+        strides = list(body.strides)
+        if skip_stride not in strides[:-1] or skip_stride >= output_stride:
+            raise ValueError(f"model.skip_stride={skip_stride}: backbone {backbone} has stages of strides "
+                             f"{strides[:-1]} below its output stride {output_stride}; use one of them or 0")
+        skip_stage = len(strides) - 1 - strides[::-1].index(skip_stride)  # the deepest of that stride
+        skip = SkipFusion(body.out_channels[skip_stage], head_channels)
+    model = Segmenter(body, head, classifier, skip=skip, skip_stage=skip_stage)
     if parallel_branches:
         add_parallel_branches(model)
     return model
