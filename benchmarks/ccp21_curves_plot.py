@@ -3,7 +3,8 @@
     python benchmarks/ccp21_curves_plot.py        # writes benchmarks/results/ccp21_curves.png, prints a table
 
 Reads every run record under benchmarks/results/ccp21_curves/: its lr, epochs, image size and the
-all-class mIoU and per-class IoU on train:holdout.
+all-class mIoU and per-class IoU on train:holdout; `skip` is the model's skip_stride (0: DeepLabV3's head
+alone).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def points() -> list[dict]:
         step = json.loads((run / "summary.json").read_text())["steps"][-1]
         out.append({"run": run.name, "lr": cfg["optim"]["lr"], "epochs": cfg["optim"]["epochs"],
                     "size": f"{cfg['data']['resize']}/{cfg['data']['crop_size']}",
+                    "skip": int(cfg["model"].get("skip_stride", 0)),
                     "all": 100 * step["miou_all"], "iou": step["iou"], "names": step["class_names"],
                     "minutes": json.loads((run / "summary.json").read_text())["run_wall_time_s"] / 60})
     return out
@@ -38,19 +40,20 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     pts = points()
-    print("| run | lr | epochs | resize/crop | all-class mIoU | classes at 0 IoU | minutes |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| run | lr | epochs | resize/crop | skip | all-class mIoU | classes at 0 IoU | minutes |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for p in pts:
         zeros = [n for n, v in zip(p["names"], p["iou"]) if v is not None and v < 0.005]
-        print(f"| {p['run']} | {p['lr']:g} | {p['epochs']} | {p['size']} | {p['all']:.2f} | "
+        print(f"| {p['run']} | {p['lr']:g} | {p['epochs']} | {p['size']} | {p['skip']} | {p['all']:.2f} | "
               f"{len(zeros)} ({', '.join(zeros)}) | {p['minutes']:.0f} |")
     lines = defaultdict(list)
     for p in pts:
-        lines[(p["lr"], p["size"])].append((p["epochs"], p["all"]))
+        lines[(p["lr"], p["size"], p["skip"])].append((p["epochs"], p["all"]))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for (lr, size), xy in sorted(lines.items()):
+    for (lr, size, skip), xy in sorted(lines.items()):
         xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=f"lr {lr:g}, resize/crop {size}")
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o",
+                label=f"lr {lr:g}, resize/crop {size}" + (f", skip stride {skip}" if skip else ""))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("step-0 epochs")
     ax.set_ylabel("all-class mIoU on train:holdout (%)")
