@@ -23,7 +23,9 @@ runs from any directory; `out_dir` stays relative to where `ciss bench` runs.
 
 A finished run found under its name is not run again; if grid.jsonl has no rows for it yet (a run
 made by `ciss train` under that name, or an earlier grid), they are written from its results, marked
-`"recorded": "found"`. `ciss bench GRID --status` lists what remains; `--jobs N` runs N points at once.
+`"recorded": "found"`. `ciss bench GRID --status` lists what remains; `--jobs N` runs N points at once;
+`--executor slurm` submits one job per point instead (ciss.cluster; options in an optional `slurm:`
+section), whose runs `--status` (or `--wait`) records once they have finished.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any, Optional
 import yaml
 from tqdm import tqdm
 
+from ciss import cluster
 from ciss.config import ConfigError, load_config, stable_hash, to_dict
 from ciss.engine import peak_rss_mb, train
 from ciss.results import LockHeld, RunDir, dumps, exclusive, git_sha, kept_wall_time
@@ -90,10 +93,11 @@ def read_grid(path: str | Path) -> dict[str, Any]:
             shared[key] = _from_grid_dir(shared[key], folder)
         if key in grid["axes"]:
             grid["axes"][key] = [_from_grid_dir(v, folder) for v in grid["axes"][key]]
-    unknown = set(grid) - {"recipe", "out_dir", "set", "axes", "name", "methods"}
+    unknown = set(grid) - {"recipe", "out_dir", "set", "axes", "name", "methods", "slurm"}
     if unknown:
         raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; use recipe, out_dir, set, axes, "
-                          f"name, methods")
+                          f"name, methods, slurm")
+    grid["slurm"] = cluster.read_options(grid.get("slurm"), str(path))
     per_method = grid.get("methods") or {}
     if not isinstance(per_method, dict) or not all(isinstance(v, dict) for v in per_method.values()):
         raise ConfigError(f"{path}: 'methods' maps a method to config keys of its runs, e.g. "
@@ -149,13 +153,19 @@ def _rows(name: str, config: dict[str, Any], point: dict[str, Any], run_dir: Pat
 
 
 def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = True, jobs: int = 1,
-             status: bool = False) -> Path:
+             status: bool = False, executor: Optional[str] = None, slurm: Optional[dict] = None,
+             wait: bool = False) -> Path:
     """Run every point of the grid that has not finished; returns the grid's JSONL file.
 
     `jobs` > 1 runs that many points at once, each a `ciss train` process with its share of the cores
-    and its log in <out_dir>/<run>.log. `status` only records finished runs and lists what remains."""
+    and its log in <out_dir>/<run>.log. `status` only records finished runs and lists what remains.
+    `executor` ("slurm" or "local") submits one job per point instead (ciss.cluster), with the job
+    options of the grid's `slurm` section updated by `slurm`; `wait` waits for them and records them."""
     if jobs < 1:
         raise ConfigError(f"jobs must be 1 or more, got {jobs}")
+    if executor is not None and jobs > 1:
+        raise ConfigError("--jobs runs points on this machine; with --executor every point is its own job: "
+                          "give one of them")
     grid = read_grid(path)
     out = Path(out_dir or grid.get("out_dir") or "runs/grid")
     configs = []
@@ -169,24 +179,34 @@ def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = T
     recorded = set()
     if rows_path.is_file():
         recorded = {json.loads(l)["run"] for l in rows_path.read_text().splitlines() if l.strip()}
-    todo, busy = [], []
+    todo, busy, queued = [], [], []
+    states = {}  # run -> (job, its state) of the runs submitted as jobs
     for point, cfg, args in configs:
         run_dir = out / cfg.name
+        job = cluster.read_job(out, cfg.name)
+        if job is not None and not (run_dir / "summary.json").is_file():
+            states[cfg.name] = (job, cluster.job_state(job))
         if not (run_dir / "summary.json").is_file():
-            (busy if _in_use(run_dir) else todo).append((point, cfg, args))
-        elif cfg.name not in recorded:  # finished outside this grid: record what it measured
-            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-            _check_found(run_dir, config, point)
-            meta = run_dir / "meta.json"
-            run_sha = json.loads(meta.read_text()).get("git_sha", "") if meta.is_file() else ""
-            _append(rows_path, _rows(cfg.name, config, point, run_dir, run_sha or "", None,
-                                     {"recorded": "found"}))
+            if cfg.name in states and states[cfg.name][1] in cluster.ACTIVE and not status:
+                queued.append(cfg.name)
+            else:
+                (busy if _in_use(run_dir) else todo).append((point, cfg, args))
+        elif cfg.name not in recorded:  # finished outside this run of the grid: record what it measured
+            _record_found(rows_path, cfg.name, point, run_dir, job)
     for _, cfg, _ in busy:
         print(f"{out / cfg.name} is being trained by another process: left to it")
+    for name in queued:
+        job, state = states[name]
+        print(f"{out / name}: left to {job['executor']} job {job['job_id']} ({state})")
     if status:
         print(f"{path}: {len(configs) - len(todo) - len(busy)} of {len(configs)} runs finished in {out}")
         for _, cfg, _ in todo:
-            print(f"  to run: {cfg.name}" + ("  (started)" if (out / cfg.name).is_dir() else ""))
+            job, state = states.get(cfg.name, (None, ""))
+            print(f"  to run: {cfg.name}" + ("  (started)" if (out / cfg.name).is_dir() else "")
+                  + (f"  [{job['executor']} job {job['job_id']}: {state}, log {job['log']}]" if job else ""))
+        return rows_path
+    if executor is not None:
+        _submit(todo, out, grid, executor, cluster.merged_options(grid["slurm"], slurm), rows_path, wait)
         return rows_path
     sha = git_sha() or ""
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo) - len(busy),
@@ -202,6 +222,48 @@ def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = T
         _run_parallel(todo, out, grid.get("recipe"), jobs, rows_path, sha, bar)
     bar.close()
     return rows_path
+
+
+def _record_found(rows_path: Path, name: str, point: dict[str, Any], run_dir: Path,
+                  job: Optional[dict[str, Any]]) -> None:
+    """Rows of a finished run that grid.jsonl lacks: made outside the grid, or by a job."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    _check_found(run_dir, config, point)
+    meta = run_dir / "meta.json"
+    run_sha = json.loads(meta.read_text()).get("git_sha", "") if meta.is_file() else ""
+    extra: dict[str, Any] = {"recorded": "found"}
+    if job is not None:
+        summary = RunDir(run_dir, create=False).read_summary()
+        extra = {"recorded": job["executor"], "job_id": job["job_id"],
+                 "process_peak_rss_mb": summary.get("peak_rss_mb")}
+    _append(rows_path, _rows(name, config, point, run_dir, run_sha or "", None, extra))
+
+
+def _submit(todo: list, out: Path, grid: dict[str, Any], kind: str, options: dict[str, Any],
+            rows_path: Path, wait: bool) -> None:
+    """One job per point; with `wait`, wait for them and record the finished runs."""
+    submitted = []
+    for point, cfg, args in todo:
+        job = cluster.submit_point(kind, out, cfg.name, args, grid.get("recipe"), options)
+        submitted.append((point, cfg, job))
+        print(f"{cfg.name}: {kind} job {job.job_id} (log {job.paths.stdout})")
+    if not wait:
+        if submitted:
+            print(f"{len(submitted)} job(s) submitted; `ciss bench GRID --status` shows them and records "
+                  "the finished runs")
+        return
+    failed = []
+    for point, cfg, job in submitted:
+        try:
+            job.result()
+        except Exception as exc:  # the job's own error, with its log
+            failed.append(f"{cfg.name} (job {job.job_id}: {str(exc).strip().splitlines()[-1]}; "
+                          f"log {job.paths.stdout})")
+            continue
+        _record_found(rows_path, cfg.name, point, out / cfg.name, cluster.read_job(out, cfg.name))
+    if failed:
+        raise RunsFailed(f"{len(failed)} job(s) failed: " + "; ".join(failed)
+                         + "; the others are recorded, and running the grid again resumes these")
 
 
 def _in_use(run_dir: Path) -> bool:

@@ -74,10 +74,23 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ciss.bench import RunsFailed, run_grid
+    import yaml
 
+    from ciss.bench import RunsFailed, run_grid
+    from ciss.config import ConfigError
+
+    sbatch = {}
+    for item in args.sbatch:
+        flag, _, value = item.partition("=")
+        if not flag.strip():
+            raise ConfigError(f"--sbatch expects FLAG=VALUE or FLAG (e.g. --sbatch qos=high), got '{item}'")
+        sbatch[flag.strip()] = yaml.safe_load(value) if value else True
+    slurm = {"partition": args.partition, "gpus_per_node": args.gpus_per_node, "time": args.time,
+             "cpus_per_task": args.cpus_per_task, "account": args.account, "sbatch": sbatch}
     try:
-        print(f"rows: {run_grid(args.grid, out_dir=args.out_dir, jobs=args.jobs, status=args.status)}")
+        rows = run_grid(args.grid, out_dir=args.out_dir, jobs=args.jobs, status=args.status,
+                        executor=args.executor, slurm=slurm, wait=args.wait)
+        print(f"rows: {rows}")
     except RunsFailed as exc:
         print(f"ciss: error: {exc}", file=sys.stderr)
         return 1
@@ -191,7 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each a process with its share of the cores (default 1)")
     b.add_argument("--status", action="store_true",
-                   help="record finished runs and list the ones still to run; train nothing")
+                   help="record finished runs, list the ones still to run and their jobs; train nothing")
+    b.add_argument("--executor", choices=["slurm", "local"],
+                   help="one job per point through submitit: slurm, or local (jobs on this machine)")
+    b.add_argument("--wait", action="store_true", help="with --executor: wait for the jobs, record the runs")
+    job = b.add_argument_group("job options (override the grid's slurm: section)")
+    job.add_argument("--partition")
+    job.add_argument("--gpus-per-node", type=int, help="training processes (DDP) per job, one per GPU")
+    job.add_argument("--cpus-per-task", type=int, help="CPUs per process (also its torch threads)")
+    job.add_argument("--time", help="time limit: minutes or [D-]HH:MM:SS")
+    job.add_argument("--account")
+    job.add_argument("--sbatch", action="append", default=[], metavar="FLAG=VALUE",
+                     help="any other sbatch flag, e.g. --sbatch qos=high --sbatch constraint=a100")
     b.set_defaults(fn=_bench)
 
     rp = sub.add_parser("report", help="tables, figures and one HTML page from run directories")

@@ -87,6 +87,9 @@ class RunConfig:
     # Conv weights in channels-last layout: same model and numerics up to rounding, ~1.4x faster
     # training of EfficientNet-Lite0 on one CPU thread (benchmarks/results/channels_last.md).
     channels_last: bool = True
+    # Under DDP (more than one process): BN normalises with the statistics of every process's batch
+    # together (SyncBN, ciss.engine.sync_bn), as one process with the global batch would.
+    sync_bn: bool = True
     out_dir: str = "runs"
     name: Optional[str] = None
     cache_dir: Optional[str] = None
@@ -102,7 +105,7 @@ class RunConfig:
 # Keys added after runs were made, with the value those runs had implicitly: a run directory whose
 # config lacks one is read with that value (to resume it, or to compare it with a new config).
 INTRODUCED: dict[str, Any] = {"model.frozen_stride": 0, "data.image_cache": False, "model.head_reduce": 0,
-                               "model.dilated": True, "model.skip_stride": 0}
+                               "model.dilated": True, "model.skip_stride": 0, "sync_bn": False}
 
 # Recipes: overrides, applied in this order: recipe, YAML file, --set.
 RECIPES: dict[str, dict] = {

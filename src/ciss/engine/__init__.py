@@ -11,6 +11,7 @@ clipping, logging, checkpoints, step-0 reuse and resuming, one concept per modul
   base_cache.py   step-0 checkpoints shared between runs, and the lock around training one
   evaluator.py    evaluation after a step: raw, calibrated, gamma sweep, prototype probe
   distributed.py  device, torchrun ranks, the DDP wrapper, mixed precision
+  sync_bn.py      BN statistics of every process's batch together under DDP (SyncBN)
   log.py          console lines and TensorBoard scalars
 """
 

@@ -36,6 +36,8 @@ def base_cache_key(cfg: RunConfig, train_set: SegDataset, scenario: Scenario, me
         "extra_outputs": method.num_extra_outputs(),
         "world": world,
     }
+    if world > 1 and cfg.sync_bn:  # only when it changes training, so earlier DDP bases stay valid
+        key["sync_bn"] = True
     if method.architecture():  # only when set, so plain models keep their cached bases
         key["architecture"] = method.architecture()
     return key

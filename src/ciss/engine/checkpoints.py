@@ -23,10 +23,12 @@ FORMAT = "ciss-checkpoint-v1"
 
 # Keys that may change between an interrupted run and its resumption.
 # The lr of the steps a resume has still to train may change (after a divergence); recorded.
+# sync_bn is how the processes share BN statistics, like their number not part of the experiment
+# (a one-process run is the same either way).
 LR_KEYS = ("optim.lr", "optim.lr_next")
 RESUMABLE_CHANGES = ("progress", "tensorboard", "device", "channels_last", "out_dir", "name",
                      "cache_dir", "data.num_workers", "data.root", "optim.eval_batch_size",
-                     "data.image_cache")
+                     "data.image_cache", "sync_bn")
 
 
 def checkpoint_state(model: nn.Module, step: int, method: Method, **extra: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Where a run computes: the device, the torchrun ranks and their process group, the DDP wrapper,
-and mixed precision."""
+"""Where a run computes: the device, the torchrun ranks and their process group, the DDP wrapper
+(with SyncBN), and mixed precision."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ciss.engine.sync_bn import convert_sync_bn, sync_on_forward
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,9 +64,15 @@ def rank_device(name: str, info: DistInfo) -> torch.device:
     return device
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    return nn.parallel.DistributedDataParallel(
+def wrap_ddp(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """The DDP wrapper of `model`. `sync_bn`: its BatchNorm2d layers become SyncBatchNorm2d (in
+    place, same state_dict keys), which normalise with the whole batch of every process inside the
+    wrapper's forward (ciss.engine.sync_bn)."""
+    if sync_bn:
+        convert_sync_bn(model)
+    ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
+    return sync_on_forward(ddp) if sync_bn else ddp
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -312,7 +312,7 @@ class Experiment:
                 dev_loader = DeviceLoader(loader, self.device)
                 seed_step(cfg.seed, step, "train")  # resumed or not, the same draws from here on
                 self.method.on_step_start(core, old_model, dev_loader, ctx)
-                train_model = wrap_ddp(core, self.device) if self.dist.enabled else core
+                train_model = wrap_ddp(core, self.device, cfg.sync_bn) if self.dist.enabled else core
                 for i, phase in enumerate(self.method.phases(ctx)):
                     if partial is not None and partial["phase"] > i:
                         continue
