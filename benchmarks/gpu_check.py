@@ -239,12 +239,17 @@ def report(folder: Path, out: Path, command: str) -> int:
              f"Machine: {env.get('gpu', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, "
              f"git {env.get('git', '?')}, {env.get('date', '?')}.", ""]
     failed = []
-    a = _read(folder / "amp.json")
-    lines += ["## Autocast training steps", ""]
-    if a is None:
-        failed.append("amp")
-        lines += ["Did not finish: see `amp.log`.", ""]
-    else:
+    def part(name: str, title: str) -> Optional[dict]:
+        """The part's JSON, after its section title; None (and a failure) when it did not finish."""
+        found = _read(folder / f"{name}.json")
+        lines.extend([f"## {title}", ""])
+        if found is None:
+            failed.append(name)
+            lines.extend([f"Did not finish: see `{name}.log`.", ""])
+        return found
+
+    a = part("amp", "Autocast training steps")
+    if a is not None:
         lines += [f"DeepLabV3 on {a['backbone']} (random weights), crop {a['crop']}, batch {a['batch']}, "
                   f"{a['batches']} batches x {a['epochs']} epochs through the engine's loop, same start.", "",
                   "| amp | mean loss per epoch | rel. diff vs fp32 | weights finite | images/s | peak GB |",
@@ -257,13 +262,9 @@ def report(folder: Path, out: Path, command: str) -> int:
             if not r["weights_finite"] or (diff is not None and diff > 0.1):
                 failed.append(f"amp {mode}")
         lines.append("")
-    n = _read(folder / "nccl.json")
+    n = part("nccl", "torchrun --nproc_per_node 1 (NCCL)")
     cli = folder / "cli" / "results.jsonl"
-    lines += ["## torchrun --nproc_per_node 1 (NCCL)", ""]
-    if n is None:
-        failed.append("nccl")
-        lines += ["Did not finish: see `nccl.log`.", ""]
-    else:
+    if n is not None:
         ok = (n["all_reduce_ok"] and n["sync_bn_max_abs_diff_fp32"] < 1e-4
               and n["sync_bn_max_abs_diff_bf16"] < 0.05
               and all(v == v and abs(v) != float("inf") for v in n["ddp_losses"]))
@@ -280,12 +281,8 @@ def report(folder: Path, out: Path, command: str) -> int:
     else:
         failed.append("torchrun ciss train")
         lines += ["`ciss train` under torchrun did not finish: see `cli.log`.", ""]
-    t = _read(folder / "throughput.json")
-    lines += ["## resnet101 crop 512 training throughput", ""]
-    if t is None:
-        failed.append("throughput")
-        lines += ["Did not finish: see `throughput.log`.", ""]
-    else:
+    t = part("throughput", "resnet101 crop 512 training throughput")
+    if t is not None:
         lines += [f"DeepLabV3 {t['backbone']} (random weights), crop {t['crop']}, batch {t['batch']}, "
                   f"{t['amp']}, "
                   f"{t['batches']} batches; bare peak memory {t['bare_peak_memory_gb']:.1f} GB.", "",

@@ -24,6 +24,15 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilatio
     )
 
 
+def _init_convs(module: nn.Module) -> None:
+    """He-normal (fan-out) conv weights and zero conv biases, as DeepLab's heads start."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class ImagePooling(nn.Module):
     """Global average pool -> 1x1 conv (with bias, no BN) -> ReLU, broadcast back to the map size.
 
@@ -81,11 +90,7 @@ class ASPPHead(nn.Module):
         self.project = _conv_bn_relu(channels * (len(self.rates) + 2), channels, 1)
         self.dropout = nn.Dropout(dropout)
         self.refine = _conv_bn_relu(channels, channels, 3)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        _init_convs(self)
 
     def branch_points(self) -> list[tuple[nn.Module, str, str]]:
         """The conv-BN of each ASPP conv branch (RCIL's map_convs / map_bn), not pooling or projections."""
@@ -103,7 +108,8 @@ class SkipFusion(nn.Module):
     """DeepLabV3+'s decoder step: the head's map (B, D, h, w), upsampled bilinearly to a shallower
     backbone stage's size, concatenated with that stage brought to ``reduce`` channels by a 1x1
     conv-BN-ReLU, then a 3x3 conv-BN-ReLU back to D channels: (B, D, H_s, W_s). The papers' DeepLabV3
-    has no such step; it gives small and thin objects a finer map than output stride 16 does.
+    has no such step; on ccp21 it sharpens the boundaries of large classes, not small objects
+    (benchmarks/results/ccp21_curves.md).
     """
 
     def __init__(self, low_channels: int, channels: int, reduce: int = 48) -> None:
@@ -111,9 +117,7 @@ class SkipFusion(nn.Module):
         self.low = _conv_bn_relu(low_channels, reduce, 1)
         self.fuse = _conv_bn_relu(channels + reduce, channels, 3)
         self.out_channels = channels
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
 
     def branch_points(self) -> list[tuple[nn.Module, str, str]]:
         """Its 3x3 conv-BN (a decoder conv: RCIL gives it a parallel branch); the 1x1 reduction has none."""
