@@ -58,6 +58,10 @@ def test_a_float_key_refuses_words():
     ("optim.lr=-1", "optim.lr must be positive, got -1.0"),
     ("data.resize=0", "data.resize must be at least 1"),
     ("model.head_reduce=-1", "model.head_reduce must be"),
+    ("data.scale=[2.0,0.5]", "data.scale must be a list [low, high]"),
+    ("data.scale=[1.0]", "data.scale must be a list [low, high]"),
+    ("data.scale=[0,1]", "data.scale must be a list [low, high]"),
+    ("data.scale=1.5", "data.scale must be a list [low, high]"),
 ])
 def test_bad_values_are_refused_naming_the_key(item, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

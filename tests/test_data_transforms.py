@@ -108,3 +108,41 @@ def test_resized_wrapper_keeps_aspect_and_labels_exact():
     assert set(lbl.unique().tolist()) == {0, 3}  # nearest: no invented label values
     img, lbl = Resized(EvalTransform(None), None)(image, label)
     assert img.shape == (3, 40, 60)
+
+
+def test_data_scale_reaches_the_training_transform_and_keys_the_base_step(tiny_cfg, monkeypatch):
+    import ciss.engine.steps
+    from ciss.engine import train
+    from ciss.engine.base_cache import base_cache_key
+
+    seen = []
+
+    class Recording(TrainTransform):
+        def __init__(self, crop_size, scale=(0.5, 2.0), **kw):
+            seen.append(tuple(scale))
+            super().__init__(crop_size, scale, **kw)
+
+    monkeypatch.setattr(ciss.engine.steps, "TrainTransform", Recording)
+    train(tiny_cfg("data.scale=[0.75,1.25]", "data.task=4-2"))
+    assert seen and set(seen) == {(0.75, 1.25)}
+
+    class Fake:  # what base_cache_key reads of the dataset, scenario and method
+        steps, order = [[1, 2]], [1, 2]
+
+        def cache_key(self):
+            return "d"
+
+        def base_step_key(self):
+            return None
+
+        def num_extra_outputs(self):
+            return 0
+
+        def architecture(self):
+            return {}
+
+    f = Fake()
+    default = base_cache_key(tiny_cfg(), f, f, f, 1)
+    assert "scale" not in default  # bases cached before the key existed stay valid
+    assert base_cache_key(tiny_cfg("data.scale=[0.5,2.0]"), f, f, f, 1) == default
+    assert base_cache_key(tiny_cfg("data.scale=[1,1]"), f, f, f, 1)["scale"] == [1.0, 1.0]

@@ -33,6 +33,7 @@ class DataConfig:
     crop_size: int = 64
     eval_size: Optional[int] = None  # shorter side resized + centre crop; None = whole image
     resize: Optional[int] = None  # shorter side resized to this first (train and eval); None = native
+    scale: list = field(default_factory=lambda: [0.5, 2.0])  # training's random rescale range [low, high] (MiB's)
     num_workers: int = 0
     # With `resize`: images and labels of file datasets decoded and resized once, then read from
     # <cache_dir>/images (data/image_cache.py).
@@ -105,7 +106,8 @@ class RunConfig:
 # Keys added after runs were made, with the value those runs had implicitly: a run directory whose
 # config lacks one is read with that value (to resume it, or to compare it with a new config).
 INTRODUCED: dict[str, Any] = {"model.frozen_stride": 0, "data.image_cache": False, "model.head_reduce": 0,
-                               "model.dilated": True, "model.skip_stride": 0, "sync_bn": False}
+                               "model.dilated": True, "model.skip_stride": 0, "sync_bn": False,
+                               "data.scale": [0.5, 2.0]}
 
 # Recipes: overrides, applied in this order: recipe, YAML file, --set.
 RECIPES: dict[str, dict] = {
@@ -230,6 +232,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "optim.grad_clip": (lambda v: v is None or v > 0, "positive (or null: no clipping)"),
     "data.crop_size": (lambda v: v >= 1, "at least 1"),
     "data.resize": (lambda v: v is None or v >= 1, "at least 1 (or null: native size)"),
+    "data.scale": (lambda v: isinstance(v, list) and len(v) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and 0 < v[0] <= v[1],
+        "a list [low, high] of two numbers with 0 < low <= high, e.g. [0.5, 2.0]"),
     "data.eval_size": (lambda v: v is None or v >= 1, "at least 1 (or null: whole images)"),
     "data.num_workers": (lambda v: v >= 0, "0 or more"),
     "model.head_channels": (lambda v: v >= 1, "at least 1"),

@@ -8,7 +8,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
 
-from ciss.config import RunConfig, stable_hash, to_dict
+from ciss.config import INTRODUCED, RunConfig, stable_hash, to_dict
 from ciss.data.base import SegDataset
 from ciss.engine.data import cache_root
 from ciss.methods import Method
@@ -36,6 +36,8 @@ def base_cache_key(cfg: RunConfig, train_set: SegDataset, scenario: Scenario, me
         "extra_outputs": method.num_extra_outputs(),
         "world": world,
     }
+    if list(cfg.data.scale) != INTRODUCED["data.scale"]:  # only when set, so earlier bases stay valid
+        key["scale"] = [float(x) for x in cfg.data.scale]
     if world > 1 and cfg.sync_bn:  # only when it changes training, so earlier DDP bases stay valid
         key["sync_bn"] = True
     if method.architecture():  # only when set, so plain models keep their cached bases

@@ -287,7 +287,7 @@ class Experiment:
                 core.add_step(scn.classes_per_step[step])
             core.to(self.device)
         lr = cfg.optim.lr if step == 0 else cfg.optim.lr_next
-        transform = Resized(TrainTransform(cfg.data.crop_size), cfg.data.resize)
+        transform = Resized(TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale)), cfg.data.resize)
         data = scn.train_dataset(step, transform)
         if len(data) == 0:
             raise ValueError(f"step {step} has no training image (task {cfg.data.task}, "
