@@ -2,7 +2,7 @@
 # Learning curves of the `cpu` recipe (benchmarks/results/ccp21_curves.md): Joint, the offline upper
 # bound, on ccp21 15-1 overlapped, trained on train:fit and evaluated on train:holdout (val, the test
 # split, is not read), at the points given as LR:EPOCHS[:RESIZE:CROP[:KEY=VALUE,...]] (the last field:
-# more config overrides, e.g. model.skip_stride=8; the run's name carries them). Each finished run's records are
+# more config overrides, comma-separated, e.g. model.skip_stride=8,data.scale=[0.75,1.5]; the run's name carries them). Each finished run's records are
 # copied to benchmarks/results/ccp21_curves/<name>/; a finished run is not run again, an interrupted
 # one continues from its last checkpoint.
 #
@@ -21,11 +21,20 @@ for point in ${POINTS:-0.05:5 0.05:10 0.05:20 0.1:10 0.02:10 0.05:40}; do
   name="${METHOD:-joint}-lr$lr-e$epochs${resize:+-r$resize-c$crop}"
   size=()
   [[ -n "$resize" ]] && size=(--set data.resize="$resize" --set data.crop_size="$crop")
-  IFS=, read -r -a sets <<<"$extra"
+  # split the overrides on the commas outside brackets (data.scale=[0.75,1.5] is one)
+  sets=() kv="" depth=0
+  for ((i = 0; i < ${#extra}; i++)); do
+    ch=${extra:i:1}
+    [[ $ch == "[" ]] && ((depth += 1))
+    [[ $ch == "]" ]] && ((depth -= 1))
+    if [[ $ch == "," && $depth == 0 ]]; then sets+=("$kv") kv=""; else kv+=$ch; fi
+  done
+  [[ -n "$kv" ]] && sets+=("$kv")
   for kv in "${sets[@]}"; do
     size+=(--set "$kv")
-    key=${kv%%=*}
-    name+="-${key##*.}${kv#*=}"
+    key=${kv%%=*} value=${kv#*=}
+    value=${value//[\[\] ]/} # a list's value in a name: data.scale=[0.75,1.5] -> scale0.75-1.5
+    name+="-${key##*.}${value//,/-}"
   done
   "$CISS" train --recipe cpu --set data.dataset=folder --set data.root="$DATA" \
     --set data.train_split=train:fit --set data.test_split=train:holdout \
