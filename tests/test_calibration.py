@@ -1,4 +1,5 @@
-"""Post-hoc calibration: gamma on the absent classes, ALG, PCV adaptation, the exact gamma sweep."""
+"""Post-hoc calibration: gamma on the absent classes, ALG on every pixel, PCV on the training pixels,
+the exact gamma sweep, and calibration in runs (see also tests/test_calibration_estimators.py)."""
 
 import math
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 from ciss.calibration import (
-    ALG,
-    PCV,
+    CALIBRATORS,
+    ALGAll,
+    PCVFit,
     GammaSweep,
     alg_sums,
     apply_gamma,
@@ -44,17 +46,17 @@ def test_alg_gamma_equals_a_hand_computed_value():
     label = torch.tensor([[[0, 3, IGNORE]]])
     total, n = alg_sums(logits, label, num_old=3)
     assert n == 2 and total == pytest.approx((5.0 - 1.0) + (4.0 - 0.0))
-    alg = ALG()
+    alg = ALGAll()
     batches = [Batch(image=logits, label=label)]
     assert alg.fit(batches, lambda x: x, CTX) == pytest.approx(4.0)
-    assert alg.state_dict() == {"name": "alg", "gamma": 4.0}
+    assert alg.state_dict() == {"name": "alg_all", "version": 1, "gamma": 4.0, "info": {"pixels": 2}}
 
 
-def test_calibrators_do_nothing_at_step_0():
+@pytest.mark.parametrize("name", list(CALIBRATORS))
+def test_calibrators_do_nothing_at_step_0(name):
     ctx0 = StepContext(step=0, classes_per_step=(3,), num_steps=2)
     batches = [Batch(image=torch.randn(1, 3, 2, 2), label=torch.zeros(1, 2, 2, dtype=torch.long))]
-    assert ALG().fit(batches, lambda x: x, ctx0) == 0.0
-    assert PCV().fit(batches, lambda x: x, ctx0, lambda x: x) == 0.0
+    assert build_calibrator(name).fit(batches, lambda x: x, ctx0, lambda x: x) == 0.0
 
 
 def _argmax_cm(z, label, gamma, num_old, c):
@@ -112,23 +114,44 @@ def test_pcv_pseudo_labels_background_with_confident_old_predictions_and_picks_t
     new_logits[:, 2] -= 10.0  # class 2 appears nowhere
     old_logits = 10 * onehot[:, :3]
     batches = [Batch(image=torch.zeros(1, 3, h, w), label=step_label)]
-    pcv = PCV()
+    pcv = PCVFit()
     g = pcv.fit(batches, lambda x: new_logits, CTX, lambda x: old_logits)
     assert 1.0 < g < 8.0  # flips the old object (gap 1) to class 1, not the rest (gap 8)
     calibrated = pcv.apply(new_logits, CTX).argmax(1)
     assert torch.equal(calibrated, truth)
     with pytest.raises(ValueError, match="model before the step"):
-        PCV().fit(batches, lambda x: new_logits, CTX)
+        PCVFit().fit(batches, lambda x: new_logits, CTX)
 
 
-def test_state_round_trip_and_spec_parsing():
-    a = ALG(gamma=1.25)
-    b = build_calibrator("alg")
-    b.load_state_dict(a.state_dict())
-    assert b.gamma == 1.25
-    with pytest.raises(ValueError, match="not 'pcv'"):
-        build_calibrator("pcv").load_state_dict(a.state_dict())
+@pytest.mark.parametrize("name", list(CALIBRATORS))
+def test_state_round_trips_through_a_weights_only_checkpoint(name):
+    import io
+
+    a = build_calibrator(name, gamma=1.25)
+    a.info = {"pixels": 7, "tune_losses": [0.5, 0.25]}
+    buf = io.BytesIO()
+    torch.save({"calibration": {name: a.state_dict()}}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["calibration"][name]
+    b = build_calibrator(name)
+    assert b.matches(state)
+    b.load_state_dict(state)
+    assert b.gamma == 1.25 and b.info == a.info and b.key() == a.key()
+    other = "alg" if name != "alg" else "pcv"
+    with pytest.raises(ValueError, match=f"not '{other}'"):
+        build_calibrator(other).load_state_dict(state)
+
+
+def test_a_stored_fit_matches_only_its_name_version_and_parameters():
+    assert not build_calibrator("alg").matches({"name": "alg", "gamma": 1.0})  # before versions: all pixels
+    assert not build_calibrator("pcv").matches({"name": "pcv", "gamma": 1.0})  # before versions: pcv_fit
+    state = build_calibrator("pcv", epochs=2).state_dict()
+    assert build_calibrator("pcv", epochs=2).matches(state) and not build_calibrator("pcv").matches(state)
+
+
+def test_spec_parsing():
     assert parse_calibration("alg, pcv,sweep") == ["alg", "pcv", "sweep"]
+    assert parse_calibration("alg_all,pcv_fit,share,agree") == ["alg_all", "pcv_fit", "share", "agree"]
     assert parse_calibration(None) == [] and parse_calibration(["alg"]) == ["alg"]
     with pytest.raises(ValueError, match="unknown calibration"):
         parse_calibration("temperature")
@@ -146,15 +169,18 @@ def test_training_with_calibration_records_raw_and_calibrated_figures(tiny_cfg):
 
     from ciss.engine import train
 
-    res = train(tiny_cfg("calibration=alg,pcv,sweep"))
+    res = train(tiny_cfg("calibration=alg,pcv,share,sweep"))
     rows = RunDir(res.run_dir, create=False).read_jsonl("results.jsonl")
     assert "calibrated" not in rows[0]  # nothing is absent after step 0
     cal = rows[1]["calibrated"]
-    assert set(cal) == {"alg", "pcv"}
-    for name in ("alg", "pcv"):
-        assert math.isfinite(cal[name]["gamma"]) and len(cal[name]["iou"]) == len(rows[1]["iou"])
+    assert set(cal) == {"alg", "pcv", "share"}
     state = load_checkpoint(res.run_dir / "ckpt" / "step-1.pt")
-    assert state["calibration"]["alg"]["gamma"] == pytest.approx(cal["alg"]["gamma"])
+    for name in ("alg", "pcv", "share"):
+        assert math.isfinite(cal[name]["gamma"]) and len(cal[name]["iou"]) == len(rows[1]["iou"])
+        assert state["calibration"][name]["gamma"] == pytest.approx(cal[name]["gamma"])
+    fit = cal["pcv"]["fit"]  # the pseudo fine-tune's cost and data are recorded with its figures
+    assert fit["tune_s"] > 0 and fit["tune_iterations"] > 0 and fit["held_out_images"] > 0
+    assert state["calibration"]["pcv"]["info"]["tune_epochs"] == 1  # the step's own (tiny: 1 epoch)
     sweep = rows[1]["sweep"]
     assert len(sweep["gamma"]) == len(sweep["miou_u"]) and 0 <= sweep["ausuc"] <= 1
     # the sweep point nearest gamma = 0 is the raw model
@@ -184,6 +210,14 @@ def test_posthoc_eval_fits_stores_and_never_touches_weights(tiny_cfg):
     assert [r["step"] for r in rows] == [0, 1] and "ncm" in rows[1] and "alg" in rows[1]["calibrated"]
     # a second evaluation reuses the stored gamma instead of fitting again
     gamma = after["calibration"]["alg"]["gamma"]
+    evaluate_run(res.run_dir, step=1, calibration="alg")
+    assert load_checkpoint(ckpt)["calibration"]["alg"]["gamma"] == gamma
+    # a fit stored under an older definition of the name is fitted again
+    from ciss.results import save_checkpoint
+
+    state = load_checkpoint(ckpt)
+    state["calibration"]["alg"] = {"name": "alg", "gamma": 123.0}
+    save_checkpoint(ckpt, state)
     evaluate_run(res.run_dir, step=1, calibration="alg")
     assert load_checkpoint(ckpt)["calibration"]["alg"]["gamma"] == gamma
 

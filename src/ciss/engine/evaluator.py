@@ -1,27 +1,33 @@
 """What a run measures after a step: the confusion matrix on the test split (unseen classes
 relabelled background), the post-hoc calibrators fitted on the step's own images and stored in its
-checkpoint, the gamma sweep, and the nearest-prototype probe."""
+checkpoint (those that declare `needs_training` on a re-trained copy of the step's starting model),
+the gamma sweep, and the nearest-prototype probe."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ciss.calibration import CALIBRATORS, Calibrator, GammaSweep, build_calibrator, tradeoff_curve
 from ciss.config import RunConfig, stable_hash
-from ciss.engine.data import progress_batches, step_images
+from ciss.data.transforms import EvalTransform, Resized, TrainTransform
+from ciss.engine.data import DeviceLoader, collate, progress_batches, size_batches, step_images
 from ciss.engine.distributed import DistInfo, autocast_ctx, unwrap
+from ciss.engine.seeding import derived_seed, seed_everything, seed_step
 from ciss.methods import Method
 from ciss.metrics import ConfusionMatrix, StepMetrics, format_table, predicted_labels, step_metrics
 from ciss.models import inference_copy
 from ciss.probe import class_means, ncm_logits
 from ciss.results import atomic_write_text, dumps, load_checkpoint, loads, save_checkpoint
-from ciss.scenario import Scenario
+from ciss.scenario import Scenario, StepDataset
 from ciss.types import Batch, StepContext
 
 
@@ -31,13 +37,16 @@ class EvalResult:
 
     raw: StepMetrics
     calibrated: dict[str, tuple[float, StepMetrics]] = field(default_factory=dict)  # name -> (gamma, figures)
+    fit_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> what its fit measured
     sweep: Optional[dict[str, Any]] = None  # calibration.tradeoff_curve on the test images
     ncm: Optional[StepMetrics] = None  # nearest-prototype classifier on the same features
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.raw.as_dict())
         if self.calibrated:
-            out["calibrated"] = {k: {"gamma": g, **m.as_dict()} for k, (g, m) in self.calibrated.items()}
+            out["calibrated"] = {k: {"gamma": g, **m.as_dict(),
+                                     **({"fit": self.fit_info[k]} if self.fit_info.get(k) else {})}
+                                 for k, (g, m) in self.calibrated.items()}
         if self.sweep is not None:
             out["sweep"] = self.sweep
         if self.ncm is not None:
@@ -46,7 +55,11 @@ class EvalResult:
 
     def lines(self) -> list[str]:
         """Table rows: raw, then one per variant, labelled."""
-        rows = [("", self.raw)] + [(f"+{k} (gamma {g:.3g})", m) for k, (g, m) in self.calibrated.items()]
+        def label(k: str, g: float) -> str:
+            tune = self.fit_info.get(k, {}).get("tune_s")
+            return f"+{k} (gamma {g:.3g}" + (f", fine-tune {tune:.1f} s)" if tune is not None else ")")
+
+        rows = [("", self.raw)] + [(label(k, g), m) for k, (g, m) in self.calibrated.items()]
         if self.ncm is not None:
             rows.append(("NCM probe", self.ncm))
         out = []
@@ -86,23 +99,90 @@ class StepEvaluator:
     @torch.no_grad()
     def fit_calibrators(self, model: nn.Module, old_model: nn.Module, step: int,
                         names: list[str]) -> dict[str, Calibrator]:
-        """Fit the named calibrators after `step` on the step's own training images (no old image),
-        in one pass of the model (and of the old model when one of them needs it)."""
+        """Fit the named calibrators after `step` on the step's own training images (no old image):
+        those that need no training in one pass of the model (and of the old model when one of them
+        needs it); each that needs training on a re-trained copy of the step's starting model."""
         ctx = self.context(step, 0, 0)
         new_fn = self.decision_logits(inference_copy(model), ctx)
         old_fn = self.decision_logits(inference_copy(old_model), self.context(step - 1, 0, 0))
         cals = {name: build_calibrator(name) for name in names}
         active = [c for c in cals.values() if c.start(ctx)]
-        if active:
-            need_old = any(c.needs_old for c in active)
-            for batch in self._batches(step, True, f"fit {', '.join(names)} step {step}"):
+        plain = [c for c in active if not c.needs_training]
+        if plain:
+            need_old = any(c.needs_old for c in plain)
+            for batch in self._batches(step, True, f"fit {', '.join(c.name for c in plain)} step {step}"):
                 logits = new_fn(batch.image)
                 old = old_fn(batch.image) if need_old else None
-                for c in active:
+                for c in plain:
                     c.update(logits, batch.label, old)
-            for c in active:
+            for c in plain:
                 c.finish()
+        for c in active:
+            if c.needs_training:
+                self._fit_retrained(c, old_model, old_fn, step)
+        if self.dist.enabled:  # every rank applies rank 0's gammas (a re-training may differ across ranks)
+            gammas = torch.tensor([c.gamma for c in cals.values()], dtype=torch.float64, device=self.device)
+            dist.broadcast(gammas, src=0)
+            for c, g in zip(cals.values(), gammas.tolist()):
+                c.gamma = g
         return cals
+
+    def step_start_model(self, old_model: nn.Module, step: int) -> nn.Module:
+        """The model as `step` began: a copy of the old model grown by the step's classes, their
+        rows initialised by the method; the step's seed redraws the random part as training drew it."""
+        ctx = self.context(step, 0, 0)
+        start = copy.deepcopy(old_model)
+        seed_step(self.cfg.seed, step, "start")
+        start.add_step(ctx.num_new)
+        start.to(self.device)
+        self.method.init_new_classifiers(start, old_model, ctx)
+        return start
+
+    def _step_half(self, step: int, transform: Any, rule: Callable[[int], bool], held_out: bool) -> StepDataset:
+        data = self.scenario.train_dataset(step, transform)
+        keep = np.array([rule(int(i)) == held_out for i in data.indices], dtype=bool)
+        return StepDataset(data.data, data.indices[keep], data.lut, transform)
+
+    def _fit_retrained(self, cal: Any, old_model: nn.Module, old_fn: Any, step: int) -> None:
+        """Re-train a copy of the step's starting model on the images `cal.held_out` rejects, with
+        the step's training augmentation and batch size, then stream the held-out images to `cal`
+        with that copy's logits. Every rank does the same (the copy is not wrapped in DDP)."""
+        cfg = self.cfg
+        o = cfg.optim
+        ctx = self.context(step, o.epochs if step == 0 or o.epochs_next is None else o.epochs_next, 0)
+        train_tf = Resized(TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale)), cfg.data.resize)
+        part = self._step_half(step, train_tf, cal.held_out, held_out=False)
+        held = self._step_half(step, Resized(EvalTransform(cfg.data.eval_size), cfg.data.resize),
+                               cal.held_out, held_out=True)
+        if len(part) == 0 or len(held) == 0:
+            cal.info = {"skipped": f"{len(part)} images to fine-tune on, {len(held)} held out"}
+            return
+        g = torch.Generator()
+        loader = DataLoader(part, batch_size=o.batch_size, shuffle=True, drop_last=len(part) > o.batch_size,
+                            collate_fn=collate, generator=g, num_workers=cfg.data.num_workers,
+                            pin_memory=self.device.type == "cuda")
+
+        def epoch_batches(epoch: int) -> DeviceLoader:  # its own random stream, apart from training's
+            s = derived_seed(cfg.seed, "calibration", cal.name, step, epoch)
+            seed_everything(s)
+            g.manual_seed(s)
+            return DeviceLoader(loader, self.device)
+
+        tuned = self.step_start_model(old_model, step)
+        cal.tune(tuned, epoch_batches, ctx, o, lambda: autocast_ctx(self.device, o.amp))
+        net = inference_copy(tuned)
+        sizes = size_batches(held, o.eval_batch_size)
+        held_loader = (DataLoader(held, batch_sampler=sizes, num_workers=cfg.data.num_workers, collate_fn=collate)
+                       if sizes is not None else
+                       DataLoader(held, batch_size=o.eval_batch_size, num_workers=cfg.data.num_workers,
+                                  collate_fn=collate))
+        show = bool(cfg.progress and self.dist.main)
+        for batch in progress_batches(held_loader, self.device, f"fit {cal.name} step {step}", show):
+            with autocast_ctx(self.device, o.amp):
+                out = net(batch.image)
+            cal.update(cal.tuned_logits(out, ctx), batch.label, old_fn(batch.image))
+        cal.finish()
+        cal.info["held_out_images"] = len(held)
 
     def step_calibrators(self, model: nn.Module, step: int, names: list[str],
                          state: dict[str, Any]) -> tuple[dict[str, Calibrator], bool]:
@@ -112,7 +192,8 @@ class StepEvaluator:
         if step == 0 or not names:
             return {}, False
         saved = dict(state.get("calibration", {}))
-        missing = [n for n in names if n not in saved]
+        # a stored fit of an older definition or other parameters is fitted again
+        missing = [n for n in names if n not in saved or not build_calibrator(n).matches(saved[n])]
         if missing:
             fitted = self.fit_calibrators(unwrap(model), self.step_model(step - 1), step, missing)
             saved.update({n: c.state_dict() for n, c in fitted.items()})
@@ -209,5 +290,6 @@ class StepEvaluator:
         return EvalResult(
             raw=metrics[""],
             calibrated={k: (c.gamma, metrics[k]) for k, c in calibrators.items()},
+            fit_info={k: dict(c.info) for k, c in calibrators.items() if c.info},
             sweep=tradeoff_curve(sw) if sw is not None else None,
             ncm=step_metrics(ncm_cm, step, self.num_base, scn.class_names) if ncm_cm is not None else None)
