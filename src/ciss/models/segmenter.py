@@ -125,6 +125,10 @@ def build_segmenter(
     ``skip_stride`` > 0 fuses the head's map with the backbone stage of that stride (``SkipFusion``,
     DeepLabV3+'s decoder step); 0 keeps DeepLabV3."""
     body = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
+    if parallel_branches and not callable(getattr(body, "branch_points", None)):
+        raise ValueError(f"parallel branches (RCIL) double a backbone's conv-BN pairs, and backbone "
+                         f"{backbone} declares none (branch_points()); use one that does, e.g. "
+                         "resnet101, timm_resnet101 or efficientnet_lite0")
     if not dilated:
         undilate(body)
     head = ASPPHead(body.out_channels[-1], channels=head_channels, output_stride=output_stride,
