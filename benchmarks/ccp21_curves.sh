@@ -25,8 +25,7 @@ for point in ${POINTS:-0.05:5 0.05:10 0.05:20 0.1:10 0.02:10 0.05:40}; do
   sets=() kv="" depth=0
   for ((i = 0; i < ${#extra}; i++)); do
     ch=${extra:i:1}
-    [[ $ch == "[" ]] && ((depth += 1))
-    [[ $ch == "]" ]] && ((depth -= 1))
+    if [[ $ch == "[" ]]; then depth=$((depth + 1)); elif [[ $ch == "]" ]]; then depth=$((depth - 1)); fi
     if [[ $ch == "," && $depth == 0 ]]; then sets+=("$kv") kv=""; else kv+=$ch; fi
   done
   [[ -n "$kv" ]] && sets+=("$kv")
