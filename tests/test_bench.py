@@ -188,3 +188,19 @@ def test_relative_data_paths_are_read_from_the_grid_folder(tmp_path, monkeypatch
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the committed grids, from the root
     grid = read_grid("benchmarks/grids/ccp21_cpu.yaml")
     assert grid["set"]["data.root"] == os.path.join("..", "shared", "datasets", "ccp21")
+
+
+def test_a_named_variant_trains_its_method_with_its_keys_under_its_own_name(tmp_path):
+    from ciss.bench import overrides, run_name
+    from ciss.config import load_config
+
+    g = tmp_path / "g.yaml"
+    g.write_text(yaml.safe_dump({
+        "axes": {"method": ["gsc", "gsc-no_pr"]}, "name": "r-{method}",
+        "methods": {"gsc-no_pr": {"method": "gsc", "method_args.pr": False}}}))
+    grid = read_grid(g)
+    points = expand(grid)
+    assert [run_name(p, grid["name"]) for p in points] == ["r-gsc", "r-gsc-no_pr"]
+    plain, variant = (load_config(None, overrides(grid, p)) for p in points)
+    assert plain.method == variant.method == "gsc"
+    assert plain.method_args == {} and variant.method_args == {"pr": False}

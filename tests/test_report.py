@@ -148,3 +148,12 @@ def test_joint_is_an_upper_bound_of_the_last_step_not_a_step_0_figure(runs, tmp_
                 and l.count("|") == 4)
     assert line == f"| joint | - | {100 * row['miou_all']:.2f} |"  # under the last step only
     assert (tmp_path / "rep" / "synthetic_4_2_overlapped_steps.png").is_file()
+
+
+def test_runs_of_one_method_with_other_settings_are_not_averaged_as_seeds(runs, tmp_path):
+    from conftest import tiny_config
+
+    other = train(tiny_config(tmp_path, "method=mib", "seed=0", "name=mib-kd", "method_args={loss_kd: 5}")).run_dir
+    assert load_run(other).label == "mib (loss_kd=5)" and load_run(runs[2]).label == "mib"
+    text = write_report([runs[2], other], tmp_path / "rep")["markdown"].read_text()
+    assert "| mib | 1 |" in text and "| mib (loss_kd=5) | 1 |" in text

@@ -16,7 +16,8 @@ checkpoints are shared through the cache as in any run) and appends one JSONL ro
       calibration: [null]
     name: "ccp21-{data.task}-{data.setting}-{method}"   # optional run names; {axis} = its value
     methods:                         # optional: config keys of one method's runs (after `set`;
-      mib: {method_args.loss_kd: 10} # an axis still wins)
+      mib: {method_args.loss_kd: 10} # an axis still wins); an entry with a `method` key is a
+      gsc-no_pr: {method: gsc, method_args.pr: false}  # named variant, put in the method axis
 
 Relative data paths (`data.root`, `data.test_root`) are read from the grid file's folder, so a grid
 runs from any directory; `out_dir` stays relative to where `ciss bench` runs.
@@ -130,7 +131,10 @@ def overrides(grid: dict[str, Any], point: dict[str, Any]) -> list[str]:
     """`--set` strings of a grid point: the shared keys, its method's own (`methods`), the point's."""
     shared = grid.get("set") or {}
     own = (grid.get("methods") or {}).get(point.get("method", shared.get("method", "ft")), {})
-    return [f"{k}={_set_value(v)}" for k, v in {**shared, **own, **point}.items()]
+    keys = {**shared, **own, **point}
+    if "method" in own:  # a named variant: the axis value names the run, the entry's method trains
+        keys["method"] = own["method"]
+    return [f"{k}={_set_value(v)}" for k, v in keys.items()]
 
 
 def run_name(point: dict[str, Any], template: Optional[str] = None) -> str:

@@ -33,10 +33,14 @@ class RunRecord:
     forgetting: list[Optional[float]] = field(default_factory=list)
     wall_time_s: float = float("nan")
     uses_memory: bool = False
+    method_args: dict = field(default_factory=dict)  # the run's own method settings
 
     @property
     def label(self) -> str:
-        return f"{self.method} (uses old images)" if self.uses_memory else self.method
+        """The method and its own settings (runs of one method with other settings are not seeds)."""
+        args = ", ".join(f"{k}={v}" for k, v in sorted(self.method_args.items()))
+        name = f"{self.method} ({args})" if args else self.method
+        return f"{name} (uses old images)" if self.uses_memory else name
 
 
 def load_run(path: str | Path) -> RunRecord:
@@ -57,6 +61,7 @@ def load_run(path: str | Path) -> RunRecord:
                      group=task_key if order == "identity" else f"{task_key} order {order}", steps=rows,
                      forgetting=list(summary.get("forgetting") or []),
                      wall_time_s=run.kept_wall_time() or float("nan"),
+                     method_args=dict(cfg.get("method_args") or {}),
                      uses_memory=bool(summary.get("uses_memory", rows[-1].get("uses_memory", False))))
 
 
