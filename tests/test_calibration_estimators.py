@@ -179,6 +179,13 @@ def test_pcv_fine_tunes_a_copy_of_the_steps_starting_model_and_nothing_else(tiny
     images = exp.scenario.train_indices(1)
     assert pcv.info["held_out_images"] == sum(held_out_image(i) for i in images)
     assert pcv.info["tune_images"] == len(images) - pcv.info["held_out_images"]
+    # variants of one training setup share one fine-tune; each reads the held-out half its own way
+    seen.clear()
+    calls = []
+    monkeypatch.setattr(PCV, "tune", lambda self, *a, **k: calls.append(self) or tune(self, *a, **k))
+    both = exp.evaluator.fit_calibrators(trained, old, 1, {"a": PCV(lr=0.05), "b": PCV(lr=0.05, ignore_unsure=False)})
+    assert len(calls) == 1 and both["a"].info["tune_s"] == both["b"].info["tune_s"]
+    assert both["a"].gamma == pytest.approx(pcv.gamma)  # the same copy, redrawn from the same seeds
 
 
 def test_every_calibrator_runs_on_a_sigmoid_method(tiny_cfg, tmp_path, monkeypatch):
@@ -205,3 +212,34 @@ def test_every_registered_calibrator_is_built_by_its_name():
             assert callable(cal.held_out) and callable(cal.tune) and callable(cal.tuned_logits)
     with pytest.raises(ValueError, match="choose from"):
         build_calibrator("temperature")
+
+
+def test_the_old_model_carries_the_calibrators_own_gamma_of_the_step_before(tiny_cfg):
+    """After step 2, `share` reads the step-1 model calibrated by share's step-1 gamma (fitted and
+    stored there first when missing); `pcv_fit`, as first defined, reads it raw."""
+    from ciss.engine import train
+    from ciss.evaluation import evaluate_run
+    from ciss.results import load_checkpoint
+
+    res = train(tiny_cfg("data.task=4-1"))  # three steps
+    evaluate_run(res.run_dir, step=2, calibration="share,pcv_fit")
+    ckpt = res.run_dir / "ckpt"
+    s1 = load_checkpoint(ckpt / "step-1.pt")["calibration"]
+    s2 = load_checkpoint(ckpt / "step-2.pt")["calibration"]
+    assert set(s1) == {"share"} and set(s2) == {"share", "pcv_fit"}
+    assert s2["share"]["info"]["old_gamma"] == s1["share"]["gamma"]
+    assert "old_gamma" not in s1["share"]["info"] or s1["share"]["info"]["old_gamma"] == 0.0
+    assert "old_gamma" not in s2["pcv_fit"].get("info", {})
+    assert build_calibrator("share").matches(s1["share"])
+
+
+def test_pseudo_labels_mark_confident_old_pixels_and_can_ignore_unsure_ones():
+    from ciss.calibration import pseudo_labelled
+
+    label = torch.tensor([[[0, 0, 0, 3]]])
+    old = _pixels([[0.0, 10.0, 0.0],   # confident class 1 -> 1
+                   [0.0, 0.5, 0.0],    # class 1 at ~0.45 -> background, or ignored
+                   [10.0, 0.0, 0.0],   # background stays
+                   [0.0, 10.0, 0.0]])  # a labelled new-class pixel is never relabelled
+    assert pseudo_labelled(label, old, 0.7).tolist() == [[[1, 0, 0, 3]]]
+    assert pseudo_labelled(label, old, 0.7, ignore_unsure=True).tolist() == [[[1, IGNORE, 0, 3]]]

@@ -65,7 +65,7 @@ def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = 
             if changed:
                 save_checkpoint(path, state)
             continue
-        cals, fitted = exp.evaluator.step_calibrators(model, t, names, state)
+        cals, fitted = exp.evaluator.step_calibrators(model, t, names, state, path)
         changed = changed or fitted
         if changed:
             save_checkpoint(path, state)

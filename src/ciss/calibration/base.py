@@ -47,12 +47,18 @@ class Calibrator:
 
     name: ClassVar[str] = "calibrator"
     needs_old: ClassVar[bool] = False  # update() wants the previous step's decision logits
+    # A calibrator with a field `calibrated_old` set gets those logits with its own gamma of the
+    # previous step added: the old model as deployed, which for FT is what still knows old classes.
     # The evaluator re-trains a copy of the step's starting model (`tune`) on the step's images that
     # `held_out` rejects, then streams the held-out ones to update() with the copy's `tuned_logits`.
     needs_training: ClassVar[bool] = False
     version: ClassVar[int] = 1  # raised when the estimator's definition changes: older fits are redone
     gamma: float = 0.0
     info: dict[str, Any] = field(default_factory=dict, repr=False)  # what the fit measured (stored)
+
+    @property
+    def reads_calibrated_old(self) -> bool:
+        return bool(getattr(self, "calibrated_old", False))
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

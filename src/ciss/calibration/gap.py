@@ -66,6 +66,7 @@ class ALG(ALGAll):
     name = "alg"
     needs_old = True
     version = 2  # version 1 counted every labelled pixel (now alg_all)
+    calibrated_old: bool = True
 
     def update(self, logits, label, old_logits=None):  # type: ignore[override]
         assert old_logits is not None
@@ -97,6 +98,7 @@ class Share(Calibrator):
     name = "share"
     needs_old = True
     threshold: float = CONFIDENT
+    calibrated_old: bool = True
 
     def start(self, ctx):  # type: ignore[override]
         self._gaps: list[torch.Tensor] = []

@@ -26,12 +26,17 @@ from ciss.losses import cross_entropy
 from ciss.types import BACKGROUND, IGNORE, Batch, SegOutput, StepContext
 
 
-def pseudo_labelled(label: torch.Tensor, old_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+def pseudo_labelled(label: torch.Tensor, old_logits: torch.Tensor, threshold: float,
+                    ignore_unsure: bool = False) -> torch.Tensor:
     """`label` (B, H, W) with its background pixels that the old model gives to an old class with
-    confidence >= threshold labelled with that class."""
+    confidence >= threshold labelled with that class; with `ignore_unsure`, those it gives to an old
+    class with less confidence ignored (neither background nor old for certain)."""
     pred, confident = confident_old(old_logits, threshold)
-    pseudo = (label == BACKGROUND) & confident
-    return torch.where(pseudo, pred.to(label.dtype), label)
+    bg = label == BACKGROUND
+    out = torch.where(bg & confident, pred.to(label.dtype), label)
+    if ignore_unsure:
+        out = torch.where(bg & (pred >= 1) & ~confident, torch.full_like(out, IGNORE), out)
+    return out
 
 
 @dataclass
@@ -41,6 +46,8 @@ class PCVFit(Calibrator):
     name = "pcv_fit"
     needs_old = True
     threshold: float = CONFIDENT
+    calibrated_old: bool = False  # as first defined: the old model's raw logits
+    ignore_unsure: bool = False  # as first defined: every other background pixel counts as background
 
     def start(self, ctx):  # type: ignore[override]
         self._sweep = GammaSweep(ctx.num_seen, ctx.num_old) if ctx.num_old >= 2 else None
@@ -48,7 +55,7 @@ class PCVFit(Calibrator):
 
     def update(self, logits, label, old_logits=None):  # type: ignore[override]
         assert self._sweep is not None and old_logits is not None
-        self._sweep.update(logits, pseudo_labelled(label, old_logits, self.threshold))
+        self._sweep.update(logits, pseudo_labelled(label, old_logits, self.threshold, self.ignore_unsure))
 
     def finish(self) -> float:
         assert self._sweep is not None
@@ -69,8 +76,14 @@ class PCV(PCVFit):
     name = "pcv"
     needs_training = True
     version = 2  # version 1 scored the trained model's own pixels (now pcv_fit)
+    calibrated_old: bool = True
+    ignore_unsure: bool = True
     epochs: Optional[int] = None
     lr: Optional[float] = None
+
+    def training_key(self) -> tuple[Any, ...]:
+        """Calibrators with equal keys can share one re-trained copy."""
+        return (type(self).__name__, self.epochs, self.lr)
 
     def held_out(self, index: int) -> bool:
         return held_out_image(index)
@@ -136,6 +149,8 @@ class Agree(Calibrator):
     needs_old = True
     threshold: float = CONFIDENT
     tolerance: float = 0.01
+    calibrated_old: bool = True
+    ignore_unsure: bool = True
 
     def start(self, ctx):  # type: ignore[override]
         self._sweep = GammaSweep(ctx.num_seen, ctx.num_old) if ctx.num_old >= 2 else None
@@ -146,7 +161,7 @@ class Agree(Calibrator):
         assert self._sweep is not None and old_logits is not None
         new = (label != IGNORE) & (label >= self._ctx.num_old)
         self._new_right += int((new & (logits.argmax(1) == label)).sum())
-        self._sweep.update(logits, pseudo_labelled(label, old_logits, self.threshold))
+        self._sweep.update(logits, pseudo_labelled(label, old_logits, self.threshold, self.ignore_unsure))
 
     def finish(self) -> float:
         assert self._sweep is not None

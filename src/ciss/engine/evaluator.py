@@ -10,24 +10,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
-from ciss.calibration import CALIBRATORS, Calibrator, GammaSweep, build_calibrator, tradeoff_curve
+from ciss.calibration import CALIBRATORS, Calibrator, GammaSweep, apply_gamma, build_calibrator, tradeoff_curve
 from ciss.config import RunConfig, stable_hash
-from ciss.data.transforms import EvalTransform, Resized, TrainTransform
-from ciss.engine.data import DeviceLoader, collate, progress_batches, size_batches, step_images
+from ciss.engine.calibration_training import fit_retrained
+from ciss.engine.data import progress_batches, step_images
 from ciss.engine.distributed import DistInfo, autocast_ctx, unwrap
-from ciss.engine.seeding import derived_seed, seed_everything, seed_step
+from ciss.engine.seeding import seed_step
 from ciss.methods import Method
 from ciss.metrics import ConfusionMatrix, StepMetrics, format_table, predicted_labels, step_metrics
 from ciss.models import inference_copy
 from ciss.probe import class_means, ncm_logits
-from ciss.results import atomic_write_text, dumps, load_checkpoint, loads, save_checkpoint
-from ciss.scenario import Scenario, StepDataset
+from ciss.results import RunDir, atomic_write_text, dumps, load_checkpoint, loads, save_checkpoint
+from ciss.scenario import Scenario
 from ciss.types import Batch, StepContext
 
 
@@ -98,28 +96,47 @@ class StepEvaluator:
 
     @torch.no_grad()
     def fit_calibrators(self, model: nn.Module, old_model: nn.Module, step: int,
-                        names: list[str]) -> dict[str, Calibrator]:
-        """Fit the named calibrators after `step` on the step's own training images (no old image):
-        those that need no training in one pass of the model (and of the old model when one of them
-        needs it); each that needs training on a re-trained copy of the step's starting model."""
+                        names: list[str] | dict[str, Calibrator],
+                        old_gammas: Optional[dict[str, float]] = None) -> dict[str, Calibrator]:
+        """Fit calibrators after `step` on the step's own training images (no old image): those
+        that need no training in one pass of the model (and of the old model when one of them needs
+        it); those that need training on a re-trained copy of the step's starting model, one copy
+        per training setup. `names`: registry names, or label -> calibrator; `old_gammas`: per label
+        of a calibrator reading the old model calibrated, its gamma after step - 1."""
         ctx = self.context(step, 0, 0)
+        num_prev = self.context(step - 1, 0, 0).num_old  # the old model's absent classes
         new_fn = self.decision_logits(inference_copy(model), ctx)
-        old_fn = self.decision_logits(inference_copy(old_model), self.context(step - 1, 0, 0))
-        cals = {name: build_calibrator(name) for name in names}
-        active = [c for c in cals.values() if c.start(ctx)]
-        plain = [c for c in active if not c.needs_training]
+        raw_old_fn = self.decision_logits(inference_copy(old_model), self.context(step - 1, 0, 0))
+        cals = dict(names) if isinstance(names, dict) else {n: build_calibrator(n) for n in names}
+        old_gamma = {k: (old_gammas or {}).get(k, 0.0) if c.reads_calibrated_old else 0.0
+                     for k, c in cals.items()}
+
+        def old_of(k: str, old: torch.Tensor) -> torch.Tensor:
+            return apply_gamma(old, old_gamma[k], num_prev) if old_gamma[k] else old
+
+        active = {k: c for k, c in cals.items() if c.start(ctx)}
+        plain = {k: c for k, c in active.items() if not c.needs_training}
         if plain:
-            need_old = any(c.needs_old for c in plain)
-            for batch in self._batches(step, True, f"fit {', '.join(c.name for c in plain)} step {step}"):
+            need_old = any(c.needs_old for c in plain.values())
+            for batch in self._batches(step, True, f"fit {', '.join(plain)} step {step}"):
                 logits = new_fn(batch.image)
-                old = old_fn(batch.image) if need_old else None
-                for c in plain:
-                    c.update(logits, batch.label, old)
-            for c in plain:
+                old = raw_old_fn(batch.image) if need_old else None
+                for k, c in plain.items():
+                    c.update(logits, batch.label, old_of(k, old) if old is not None else None)
+            for c in plain.values():
                 c.finish()
-        for c in active:
+        setups: dict[Any, dict[str, Calibrator]] = {}
+        for k, c in active.items():
             if c.needs_training:
-                self._fit_retrained(c, old_model, old_fn, step)
+                setups.setdefault(c.training_key(), {})[k] = c  # type: ignore[attr-defined]
+        o = self.cfg.optim
+        tune_ctx = self.context(step, o.epochs if o.epochs_next is None else o.epochs_next, 0)
+        for group in setups.values():
+            fit_retrained(group, self.step_start_model(old_model, step), raw_old_fn, old_of, tune_ctx,
+                          self.cfg, self.scenario, self.device, show=bool(self.cfg.progress and self.dist.main))
+        for k, c in active.items():
+            if c.reads_calibrated_old:
+                c.info["old_gamma"] = old_gamma[k]
         if self.dist.enabled:  # every rank applies rank 0's gammas (a re-training may differ across ranks)
             gammas = torch.tensor([c.gamma for c in cals.values()], dtype=torch.float64, device=self.device)
             dist.broadcast(gammas, src=0)
@@ -138,56 +155,12 @@ class StepEvaluator:
         self.method.init_new_classifiers(start, old_model, ctx)
         return start
 
-    def _step_half(self, step: int, transform: Any, rule: Callable[[int], bool], held_out: bool) -> StepDataset:
-        data = self.scenario.train_dataset(step, transform)
-        keep = np.array([rule(int(i)) == held_out for i in data.indices], dtype=bool)
-        return StepDataset(data.data, data.indices[keep], data.lut, transform)
-
-    def _fit_retrained(self, cal: Any, old_model: nn.Module, old_fn: Any, step: int) -> None:
-        """Re-train a copy of the step's starting model on the images `cal.held_out` rejects, with
-        the step's training augmentation and batch size, then stream the held-out images to `cal`
-        with that copy's logits. Every rank does the same (the copy is not wrapped in DDP)."""
-        cfg = self.cfg
-        o = cfg.optim
-        ctx = self.context(step, o.epochs if step == 0 or o.epochs_next is None else o.epochs_next, 0)
-        train_tf = Resized(TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale)), cfg.data.resize)
-        part = self._step_half(step, train_tf, cal.held_out, held_out=False)
-        held = self._step_half(step, Resized(EvalTransform(cfg.data.eval_size), cfg.data.resize),
-                               cal.held_out, held_out=True)
-        if len(part) == 0 or len(held) == 0:
-            cal.info = {"skipped": f"{len(part)} images to fine-tune on, {len(held)} held out"}
-            return
-        g = torch.Generator()
-        loader = DataLoader(part, batch_size=o.batch_size, shuffle=True, drop_last=len(part) > o.batch_size,
-                            collate_fn=collate, generator=g, num_workers=cfg.data.num_workers,
-                            pin_memory=self.device.type == "cuda")
-
-        def epoch_batches(epoch: int) -> DeviceLoader:  # its own random stream, apart from training's
-            s = derived_seed(cfg.seed, "calibration", cal.name, step, epoch)
-            seed_everything(s)
-            g.manual_seed(s)
-            return DeviceLoader(loader, self.device)
-
-        tuned = self.step_start_model(old_model, step)
-        cal.tune(tuned, epoch_batches, ctx, o, lambda: autocast_ctx(self.device, o.amp))
-        net = inference_copy(tuned)
-        sizes = size_batches(held, o.eval_batch_size)
-        held_loader = (DataLoader(held, batch_sampler=sizes, num_workers=cfg.data.num_workers, collate_fn=collate)
-                       if sizes is not None else
-                       DataLoader(held, batch_size=o.eval_batch_size, num_workers=cfg.data.num_workers,
-                                  collate_fn=collate))
-        show = bool(cfg.progress and self.dist.main)
-        for batch in progress_batches(held_loader, self.device, f"fit {cal.name} step {step}", show):
-            with autocast_ctx(self.device, o.amp):
-                out = net(batch.image)
-            cal.update(cal.tuned_logits(out, ctx), batch.label, old_fn(batch.image))
-        cal.finish()
-        cal.info["held_out_images"] = len(held)
-
-    def step_calibrators(self, model: nn.Module, step: int, names: list[str],
-                         state: dict[str, Any]) -> tuple[dict[str, Calibrator], bool]:
-        """The named calibrators of `step` from its checkpoint `state`, fitting (and adding to
-        `state`) those it lacks. Returns them and whether `state` changed."""
+    def step_calibrators(self, model: Optional[nn.Module], step: int, names: list[str],
+                         state: dict[str, Any], ckpt: Optional[Path] = None
+                         ) -> tuple[dict[str, Calibrator], bool]:
+        """The named calibrators of `step` from its checkpoint `state` (stored at `ckpt`), fitting
+        (and adding to `state`) those it lacks; `model` None: the step's checkpoint is loaded if a fit
+        is needed. Returns them and whether `state` changed."""
         names = [n for n in names if n in CALIBRATORS]
         if step == 0 or not names:
             return {}, False
@@ -195,7 +168,9 @@ class StepEvaluator:
         # a stored fit of an older definition or other parameters is fitted again
         missing = [n for n in names if n not in saved or not build_calibrator(n).matches(saved[n])]
         if missing:
-            fitted = self.fit_calibrators(unwrap(model), self.step_model(step - 1), step, missing)
+            previous = self.previous_gammas(step, missing, ckpt)
+            core = unwrap(model) if model is not None else self.step_model(step)
+            fitted = self.fit_calibrators(core, self.step_model(step - 1), step, missing, previous)
             saved.update({n: c.state_dict() for n, c in fitted.items()})
             state["calibration"] = saved
         cals = {n: build_calibrator(n) for n in names}
@@ -203,13 +178,27 @@ class StepEvaluator:
             c.load_state_dict(saved[n])
         return cals, bool(missing)
 
-    def calibrate_step(self, model: nn.Module, step: int, names: list[str],
+    def previous_gammas(self, step: int, names: list[str], ckpt: Optional[Path]) -> dict[str, float]:
+        """The gamma after step - 1 of each named calibrator that reads the old model calibrated,
+        from that step's checkpoint beside `ckpt` (fitted there first, and stored, when it lacks it)."""
+        chained = [n for n in names if build_calibrator(n).reads_calibrated_old]
+        if step < 2 or not chained:
+            return {}
+        if ckpt is None:
+            raise ValueError(f"{', '.join(chained)} after step {step} read the previous step's fit: "
+                             "give the step's checkpoint path (ckpt=...)")
+        previous = RunDir(ckpt.parent.parent, create=False).step_ckpt(step - 1)
+        cals = self.calibrate_step(None, step - 1, chained, previous)
+        return {n: c.gamma for n, c in cals.items()}
+
+    def calibrate_step(self, model: Optional[nn.Module], step: int, names: list[str],
                        ckpt: Path) -> dict[str, Calibrator]:
-        """Fit the named calibrators after `step` (none at step 0) and store them in its checkpoint."""
+        """Fit the named calibrators after `step` (none at step 0) and store them in its checkpoint;
+        `model` None: loaded from it when a fit is needed."""
         if step == 0 or not any(n in CALIBRATORS for n in names):
             return {}
         state = load_checkpoint(ckpt)
-        cals, changed = self.step_calibrators(model, step, names, state)
+        cals, changed = self.step_calibrators(model, step, names, state, ckpt)
         if changed and self.dist.main:
             save_checkpoint(ckpt, state)
         return cals
