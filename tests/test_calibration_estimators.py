@@ -65,12 +65,14 @@ def test_share_is_the_gap_quantile_that_gives_old_classes_the_old_models_share()
     unsure_old = [0.0, 0.5, 0.0]  # class 1 at probability ~0.45: not confident
     old = _pixels([confident_old, [10.0, 0.0, 0.0], unsure_old, [10.0, 0.0, 0.0], confident_old,
                    [10.0, 0.0, 0.0], confident_old])
-    share = Share()
+    share = Share(threshold=0.7)
     g = _fit(share, logits, label, old)
     assert g == pytest.approx((0.5 + 2.0) / 2)  # k = 2: between the 2nd and 3rd smallest gap
     pred = share.apply(logits, CTX).argmax(1)[0, 0, :6]
     assert int((pred != 0).sum()) == 2  # exactly as many as the old model's confident ones
     assert share.info["background_pixels"] == 6 and share.info["old_share"] == pytest.approx(2 / 6)
+    # by default the old model's argmax counts, the unsure pixel too: k = 3
+    assert _fit(Share(), logits, label, old) == pytest.approx((2.0 + 3.0) / 2)
     t = torch.tensor(gaps)
     assert share_gamma(t, 0) == -1.0 and share_gamma(t, 6) > 10.0 and share_gamma(t, 3) == 2.5
     assert share_gamma(torch.zeros(0), 0) == 0.0

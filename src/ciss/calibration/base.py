@@ -23,7 +23,8 @@ CONFIDENT = 0.7
 
 def confident_old(old_logits: torch.Tensor, threshold: float = CONFIDENT) -> tuple[torch.Tensor, torch.Tensor]:
     """(class, mask) per pixel of the old model's decision logits (B, num_old, H, W): its argmax,
-    and where that is an old foreground class with softmax probability >= threshold."""
+    and where that is an old foreground class with softmax probability >= threshold (threshold 0:
+    wherever it is)."""
     conf, pred = F.softmax(old_logits.float(), dim=1).max(1)  # (B, H, W)
     return pred, (pred >= 1) & (conf >= threshold)
 

@@ -147,7 +147,7 @@ class Agree(Calibrator):
 
     name = "agree"
     needs_old = True
-    threshold: float = CONFIDENT
+    threshold: float = 0.0  # the old model's argmax, as `share` (0.7 leaves almost no old pixel)
     tolerance: float = 0.01
     calibrated_old: bool = True
     ignore_unsure: bool = True
