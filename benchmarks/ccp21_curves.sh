@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Learning curves of the `cpu` recipe (benchmarks/results/ccp21_curves.md): Joint, the offline upper
+# Learning curves behind the `cpu` recipe (benchmarks/results/ccp21_curves.md; points are changes to
+# `cpu-short`, the recipe they started from): Joint, the offline upper
 # bound, on ccp21 15-1 overlapped, trained on train:fit and evaluated on train:holdout (val, the test
 # split, is not read), at the points given as LR:EPOCHS[:RESIZE:CROP[:KEY=VALUE,...]] (the last field:
 # more config overrides, comma-separated, e.g. model.skip_stride=8,data.scale=[0.75,1.5]; the run's name carries them). Each finished run's records are
@@ -35,7 +36,7 @@ for point in ${POINTS:-0.05:5 0.05:10 0.05:20 0.1:10 0.02:10 0.05:40}; do
     value=${value//[\[\] ]/} # a list's value in a name: data.scale=[0.75,1.5] -> scale0.75-1.5
     name+="-${key##*.}${value//,/-}"
   done
-  "$CISS" train --recipe cpu --set data.dataset=folder --set data.root="$DATA" \
+  "$CISS" train --recipe cpu-short --set data.dataset=folder --set data.root="$DATA" \
     --set data.train_split=train:fit --set data.test_split=train:holdout \
     --set data.task=15-1 --set data.setting=overlapped --set method="${METHOD:-joint}" \
     --set optim.lr="$lr" --set optim.epochs="$epochs" --set seed=0 --set progress=false \

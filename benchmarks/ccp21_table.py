@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "ccp21"
 
 
-def command(method: str, task: str, setting: str, runs: Path, extra: list[str]) -> list[str]:
+def command(method: str, task: str, setting: str, runs: Path, extra: list[str],
+            recipe: str = "cpu") -> list[str]:
     return [
-        sys.executable, "-m", "ciss.cli", "train", "--recipe", "cpu",
+        sys.executable, "-m", "ciss.cli", "train", "--recipe", recipe,
         "--set", "data.dataset=folder", "--set", f"data.root={DATA}",
         "--set", f"data.task={task}", "--set", f"data.setting={setting}",
         "--set", f"method={method}", "--set", f"out_dir={runs}",
@@ -66,6 +67,8 @@ def main() -> int:
     ap.add_argument("--task", default="15-1")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "ccp21"))
     ap.add_argument("--out", required=True)
+    ap.add_argument("--recipe", default="cpu", help="the recipe of every run (the pages made before the "
+                    "learning curves used what is now cpu-short)")
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
     ap.add_argument("--report-only", action="store_true", help="only tabulate the finished runs")
@@ -84,7 +87,7 @@ def main() -> int:
 
     def one(job: tuple[str, str]) -> tuple[str, str, list[str], dict]:
         setting, method = job
-        cmd = command(method, args.task, setting, runs, args.set)
+        cmd = command(method, args.task, setting, runs, args.set, args.recipe)
         run_dir = runs / f"ccp21-{args.task}-{setting}-{method}"
         log = runs / f"ccp21-{args.task}-{setting}-{method}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,7 @@ def main() -> int:
         for setting, method in jobs:
             summary = runs / f"ccp21-{args.task}-{setting}-{method}" / "summary.json"
             if summary.is_file():
-                done.append((setting, method, command(method, args.task, setting, runs, args.set),
+                done.append((setting, method, command(method, args.task, setting, runs, args.set, args.recipe),
                              json.loads(summary.read_text())))
             else:
                 print(f"not finished: {setting} {method}")
@@ -113,7 +116,7 @@ def main() -> int:
 
     at_once = "one or two runs at a time" if args.report_only else f"{args.jobs} run(s) at a time"
     lines = [f"# ccp21 `{args.task}`: {', '.join(args.methods)}", "",
-             f"Tabulated at git `{sha[:10]}`; each run's own git revision is in its row. `cpu` "
+             f"Tabulated at git `{sha[:10]}`; each run's own git revision is in its row. `{args.recipe}` "
              f"recipe; 2-core CPU machine, {at_once}; mIoU in %. Wall time is the "
              "run's own, over all its invocations (a run reusing a shared step-0 checkpoint does "
              "not pay for step 0).", ""]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Accuracy guard of the speed defaults (benchmarks/results/train_speed.md): step 0 of ccp21 15-1
-# overlapped (background + classes 1-15, the `cpu` recipe's 5 epochs; step 0 of 15-5, whose step 1 is
+# overlapped (background + classes 1-15, the `cpu-short` recipe's 5 epochs; step 0 of 15-5, whose step 1 is
 # cut to one epoch and not read), trained on train:fit and
 # evaluated on train:holdout (ccp21's val split, its test split, is not read), for the default before
 # ("old": Lite0 with its 1280-channel head conv, ASPP on it, every layer trained), the new default
@@ -27,7 +27,7 @@ declare -A VARIANT=(
 for seed in ${SEEDS:-0 1}; do
   for v in ${VARIANTS:-old new}; do
     # shellcheck disable=SC2086
-    "$CISS" train --recipe cpu --set data.dataset=folder --set data.root="$DATA" \
+    "$CISS" train --recipe cpu-short --set data.dataset=folder --set data.root="$DATA" \
       --set data.train_split=train:fit --set data.test_split=train:holdout \
       --set data.task=15-5 --set optim.epochs_next=1 --set data.setting=overlapped \
       --set method=ft --set seed=$seed --set reuse_base=false --set progress=false \

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config (optional)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set method=ft --set optim.epochs=2")
-    t.add_argument("--recipe", help="named preset applied first: paper | cpu | tiny")
+    t.add_argument("--recipe", help="named preset applied first: paper | cpu | cpu-short | tiny")
     t.add_argument("--run-dir", help="run directory (default: out_dir/<dataset>-<task>-...)")
     t.set_defaults(fn=_train)
 
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", required=True, help="model file to write (its run directory: OUT.run)")
         q.add_argument("--method", default=DEFAULT_METHOD, help=method_help)
         q.add_argument("--val", help=val_help)
-        q.add_argument("--recipe", default="cpu", help="paper | cpu | tiny (default cpu)")
+        q.add_argument("--recipe", default="cpu", help="paper | cpu | cpu-short | tiny (default cpu)")
         q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     f = sub.add_parser("fit", help="train a first model on a folder dataset (every class at once)")
