@@ -91,6 +91,18 @@ def ft_table(pts: list[dict], joints: list[dict]) -> None:
               f"{p['epochs_next']} | {mean:.1f}; {per} | {ratio} | {p['all']:.2f} | {p['minutes']:.0f} |")
 
 
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, name: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(HERE / name)
+    print(f"\nwrote {HERE / name}\n")
+
+
 def main() -> None:
     import matplotlib
 
@@ -110,15 +122,8 @@ def main() -> None:
         ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o",
                 label=f"lr {lr:g}, resize/crop {size}" + (f", skip stride {skip}" if skip else "")
                 + (f", {other}" if other else ""))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("step-0 epochs")
-    ax.set_ylabel("all-class mIoU on train:holdout (%)")
-    ax.set_title("Joint, ccp21 (21 classes), cpu recipe", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(HERE / "ccp21_curves.png")
-    print(f"\nwrote {HERE / 'ccp21_curves.png'}\n")
+    _save(fig, ax, "step-0 epochs", "all-class mIoU on train:holdout (%)",
+          "Joint, ccp21 (21 classes), changes to cpu-short", "ccp21_curves.png")
     if not incremental:
         return
     ft_table(incremental, joints)
@@ -130,15 +135,8 @@ def main() -> None:
     for (method, lr_next), xy in sorted(by_lr.items()):
         xy.sort()
         ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=f"{method}, lr_next {lr_next:g}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("epochs_next")
-    ax.set_ylabel("new class IoU right after its step (%, mean of 5 steps)")
-    ax.set_title("ccp21 15-1 overlapped, train:holdout", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(HERE / "ccp21_curves_ft.png")
-    print(f"\nwrote {HERE / 'ccp21_curves_ft.png'}")
+    _save(fig, ax, "epochs_next", "new class IoU right after its step (%, mean of 5 steps)",
+          "ccp21 15-1 overlapped, train:holdout", "ccp21_curves_ft.png")
 
 
 if __name__ == "__main__":
