@@ -76,8 +76,11 @@ class PCV(PCVFit):
     name = "pcv"
     needs_training = True
     version = 2  # version 1 scored the trained model's own pixels (now pcv_fit)
+    # The old model's argmax labels the absent classes, as in `share`: at 0.7 too few are labelled
+    # and gamma <= 0 wins (docs/calibration.md; benchmarks/results/ccp21_calibration_v2.md).
+    threshold: float = 0.0
     calibrated_old: bool = True
-    ignore_unsure: bool = True
+    ignore_unsure: bool = True  # matters only with a threshold > 0
     epochs: Optional[int] = None
     lr: Optional[float] = None
 
