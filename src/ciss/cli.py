@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, help="only this step (default: every step)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--calibration", metavar="NAMES",
-                   help="post-hoc calibration, comma-separated: alg, pcv (fitted on each step's own "
+                   help="post-hoc calibration, comma-separated: alg, alg_all, pcv, pcv_fit, share, agree (fitted on each step's own "
                         "training images, stored in its checkpoint), sweep (gamma trade-off curve)")
     e.add_argument("--probe", choices=["ncm"],
                    help="ncm: nearest-prototype classifier on the features, beside the trained one")
