@@ -111,7 +111,7 @@ def test_resized_wrapper_keeps_aspect_and_labels_exact():
 
 
 def test_data_scale_reaches_the_training_transform_and_keys_the_base_step(tiny_cfg, monkeypatch):
-    import ciss.engine.steps
+    import ciss.engine.data
     from ciss.engine import train
     from ciss.engine.base_cache import base_cache_key
 
@@ -122,7 +122,7 @@ def test_data_scale_reaches_the_training_transform_and_keys_the_base_step(tiny_c
             seen.append(tuple(scale))
             super().__init__(crop_size, scale, **kw)
 
-    monkeypatch.setattr(ciss.engine.steps, "TrainTransform", Recording)
+    monkeypatch.setattr(ciss.engine.data, "TrainTransform", Recording)
     train(tiny_cfg("data.scale=[0.75,1.25]", "data.task=4-2"))
     assert seen and set(seen) == {(0.75, 1.25)}
 

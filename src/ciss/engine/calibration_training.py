@@ -9,12 +9,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ciss.config import RunConfig
-from ciss.data.transforms import EvalTransform, Resized, TrainTransform
-from ciss.engine.data import DeviceLoader, collate, progress_batches, size_batches
-from ciss.engine.distributed import autocast_ctx
+from ciss.engine.data import (DeviceLoader, batch_loader, eval_transform, ordered_loader, progress_batches,
+                              train_transform)
+from ciss.engine.distributed import DistInfo, autocast_ctx
 from ciss.engine.seeding import derived_seed, seed_everything
 from ciss.models import inference_copy
 from ciss.scenario import Scenario, StepDataset
@@ -40,18 +39,15 @@ def fit_retrained(group: dict[str, Any], start: nn.Module, old_logits: Callable[
     o = cfg.optim
     step = ctx.step
     lead = next(iter(group.values()))
-    train_tf = Resized(TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale)), cfg.data.resize)
-    part = step_part(scenario, step, train_tf, lead.held_out, which=False)
-    held = step_part(scenario, step, Resized(EvalTransform(cfg.data.eval_size), cfg.data.resize),
-                     lead.held_out, which=True)
+    part = step_part(scenario, step, train_transform(cfg), lead.held_out, which=False)
+    held = step_part(scenario, step, eval_transform(cfg), lead.held_out, which=True)
     if len(part) == 0 or len(held) == 0:
         for c in group.values():
             c.info = {"skipped": f"{len(part)} images to fine-tune on, {len(held)} held out"}
         return
-    g = torch.Generator()
-    loader = DataLoader(part, batch_size=o.batch_size, shuffle=True, drop_last=len(part) > o.batch_size,
-                        collate_fn=collate, generator=g, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == "cuda")
+    # every process trains the same copy on all of `part`: not sharded
+    loader = batch_loader(part, o.batch_size, True, cfg, DistInfo(), device)
+    g = loader.generator
 
     def epoch_batches(epoch: int) -> DeviceLoader:  # its own random stream, apart from training's
         s = derived_seed(cfg.seed, "calibration", lead.name, step, epoch)
@@ -61,11 +57,7 @@ def fit_retrained(group: dict[str, Any], start: nn.Module, old_logits: Callable[
 
     lead.tune(start, epoch_batches, ctx, o, lambda: autocast_ctx(device, o.amp))
     net = inference_copy(start)
-    sizes = size_batches(held, o.eval_batch_size)
-    held_loader = (DataLoader(held, batch_sampler=sizes, num_workers=cfg.data.num_workers, collate_fn=collate)
-                   if sizes is not None else
-                   DataLoader(held, batch_size=o.eval_batch_size, num_workers=cfg.data.num_workers,
-                              collate_fn=collate))
+    held_loader = ordered_loader(held, cfg)
     for batch in progress_batches(held_loader, device, f"fit {', '.join(group)} step {step}", show):
         with autocast_ctx(device, o.amp):
             out = net(batch.image)

@@ -14,7 +14,7 @@ from ciss.config import RunConfig, default_cache_root
 from ciss.data import build_dataset
 from ciss.data.base import SegDataset
 from ciss.data.image_cache import ResizeCache, cacheable
-from ciss.data.transforms import EvalTransform, Resized
+from ciss.data.transforms import EvalTransform, Resized, TrainTransform
 from ciss.engine.distributed import DistInfo
 from ciss.scenario import Scenario
 from ciss.types import Batch
@@ -115,13 +115,28 @@ def batch_loader(dataset: Dataset, batch_size: int, train: bool, cfg: RunConfig,
                       pin_memory=device.type == "cuda")
 
 
+def train_transform(cfg: RunConfig) -> Resized:
+    """Training's augmentation: the resize, then random rescale, crop and flip."""
+    return Resized(TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale)), cfg.data.resize)
+
+
+def eval_transform(cfg: RunConfig) -> Resized:
+    """Evaluation's preprocessing: the resize, then the evaluation size if any."""
+    return Resized(EvalTransform(cfg.data.eval_size), cfg.data.resize)
+
+
 def step_images(scenario: Scenario, step: int, train: bool, cfg: RunConfig,
                 dist: DistInfo) -> DataLoader:
     """Step `step`'s training images (train=True) or test images, at evaluation size, unshuffled."""
-    transform = Resized(EvalTransform(cfg.data.eval_size), cfg.data.resize)
+    transform = eval_transform(cfg)
     data = scenario.train_dataset(step, transform) if train else scenario.test_dataset(step, transform)
     if dist.enabled and not train:  # each rank evaluates a shard; the matrices are summed
         data = torch.utils.data.Subset(data, list(range(dist.rank, len(data), dist.world)))
+    return ordered_loader(data, cfg)
+
+
+def ordered_loader(data: Dataset, cfg: RunConfig) -> DataLoader:
+    """Evaluation batches of `data` in order, of one image size each where sizes differ."""
     batches = size_batches(data, cfg.optim.eval_batch_size)
     if batches is not None:
         return DataLoader(data, batch_sampler=batches, num_workers=cfg.data.num_workers,

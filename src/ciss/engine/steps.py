@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ciss.calibration import parse_calibration
 from ciss.config import ConfigError, RunConfig, to_dict
-from ciss.data.transforms import Resized, TrainTransform
 from ciss.engine.base_cache import base_cache_path, base_step_lock
 from ciss.engine.checkpoints import (
     check_same_experiment,
@@ -28,7 +27,7 @@ from ciss.engine.checkpoints import (
     load_into,
     resume_point,
 )
-from ciss.engine.data import DeviceLoader, batch_loader, cache_root, open_datasets
+from ciss.engine.data import DeviceLoader, batch_loader, cache_root, open_datasets, train_transform
 from ciss.engine.distributed import init_distributed, rank_device, unwrap, wrap_ddp
 from ciss.engine.evaluator import StepEvaluator
 from ciss.engine.log import RunLog
@@ -287,7 +286,7 @@ class Experiment:
                 core.add_step(scn.classes_per_step[step])
             core.to(self.device)
         lr = cfg.optim.lr if step == 0 else cfg.optim.lr_next
-        transform = Resized(TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale)), cfg.data.resize)
+        transform = train_transform(cfg)
         data = scn.train_dataset(step, transform)
         if len(data) == 0:
             raise ValueError(f"step {step} has no training image (task {cfg.data.task}, "
