@@ -33,6 +33,12 @@ def test_train_eval_predict(tmp_path, capsys):
     assert main(["eval", str(run)]) == 0
     table = capsys.readouterr().out
     assert f"{100 * rows[-1]['miou_all']:6.2f}" in table  # same checkpoint, same figure
+    assert "confusion" in rows[-1]  # every evaluation records its confusion matrix
+    assert main(["eval", str(run), "--step", "1", "--errors"]) == 0
+    errors = capsys.readouterr().out
+    assert "recall | precision" in errors
+    n = len(rows[-1]["iou"])
+    assert sum(1 for l in errors.splitlines() if l.count("|") == 5) == n + 1  # header + one per class
 
     img = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(img)

@@ -59,3 +59,24 @@ def test_forgetting_and_table():
     cm.update(torch.tensor([[[0, 1, 2]]]), torch.tensor([[[0, 1, 1]]]))
     text = format_table([step_metrics(cm, 0, 2)], "t")
     assert "0-1" in text and "all" in text
+
+
+def test_class_errors_by_hand():
+    from ciss.metrics import class_errors, format_class_errors
+
+    label = torch.tensor([[[0, 0, 1, 1], [2, 2, IGNORE, 1]]])
+    pred = torch.tensor([[[0, 1, 1, 1], [2, 0, 2, 1]]])
+    cm = ConfusionMatrix(4)
+    cm.update(pred, label)
+    m = step_metrics(cm, 0, 4, ["bg", "a", "b", "c"])
+    assert m.as_dict()["confusion"] == cm.mat.tolist()  # recorded with the figures
+    rows = class_errors(m.confusion, m.class_names)
+    bg, a, b, c = rows
+    assert (bg["recall"], bg["precision"]) == (0.5, 0.5)
+    assert bg["missed_as"] == [("a", 0.5)] and bg["false_from"] == [("b", 0.5)]
+    assert (a["recall"], a["precision"], a["pixels"], a["predicted"]) == (1.0, 0.75, 3, 4)
+    assert a["missed_as"] == [] and a["false_from"] == [("bg", 0.25)]
+    assert b["missed_as"] == [("bg", 0.5)] and b["precision"] == 1.0
+    assert math.isnan(c["iou"]) and math.isnan(c["recall"])  # absent from truth and prediction
+    text = format_class_errors(rows)
+    assert "bg 50%" in text and len(text.splitlines()) == 5

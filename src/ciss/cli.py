@@ -25,7 +25,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ciss.evaluation import evaluate_run
 
     print(evaluate_run(args.run_dir, step=args.step, device=args.device,
-                       calibration=args.calibration, probe=args.probe))
+                       calibration=args.calibration, probe=args.probe, errors=args.errors))
     return 0
 
 
@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration", metavar="NAMES",
                    help="post-hoc calibration, comma-separated: alg, alg_all, pcv, pcv_fit, share, agree (fitted on each step's own "
                         "training images, stored in its checkpoint), sweep (gamma trade-off curve)")
+    e.add_argument("--errors", action="store_true",
+                   help="after each step, every class's recall and precision, what its missed pixels were "
+                        "predicted as and what its false positives truly are")
     e.add_argument("--probe", choices=["ncm"],
                    help="ncm: nearest-prototype classifier on the features, beside the trained one")
     e.set_defaults(fn=_eval)

@@ -12,15 +12,16 @@ from typing import Any, Optional
 from ciss.calibration import parse_calibration
 from ciss.config import from_dict
 from ciss.engine import Experiment
-from ciss.metrics import format_table
+from ciss.metrics import class_errors, format_class_errors, format_table
 from ciss.results import RunDir, save_checkpoint
 
 PROBES = ("ncm",)
 
 
 def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = "cpu",
-                 calibration: Any = None, probe: Optional[str] = None) -> str:
-    """Text report; with calibration or a probe also `RUN/posthoc.jsonl` (one row per step) and, for
+                 calibration: Any = None, probe: Optional[str] = None, errors: bool = False) -> str:
+    """Text report (`errors`: after each step, every class's recall, precision and confusions);
+    with calibration or a probe also `RUN/posthoc.jsonl` (one row per step) and, for
     the sweep, `RUN/calibration/sweep.png` + `sweep.json`."""
     run = RunDir(run_dir, create=False)
     cfg = from_dict(run.read_config())
@@ -72,6 +73,8 @@ def evaluate_run(run_dir: str | Path, step: Optional[int] = None, device: str = 
         res = exp.evaluator.evaluate_full(model, t, cals, sweep="sweep" in names,
                                           prototypes=dict(prototypes) if probe else None)
         lines.extend(res.lines())
+        if errors and res.raw.confusion is not None:
+            lines.append(format_class_errors(class_errors(res.raw.confusion, res.raw.class_names)))
         last = res.raw
         if names or probe:
             run.append_jsonl("posthoc.jsonl", {"method": cfg.method, **res.as_dict()})

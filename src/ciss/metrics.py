@@ -70,6 +70,7 @@ class StepMetrics:
     iou: list[float]  # per seen class, model label order
     num_base: int  # classes of step 0, background included
     class_names: Optional[Sequence[str]] = None
+    confusion: Optional[list[list[int]]] = None  # [ground truth][prediction] pixel counts, when measured
 
     @property
     def miou_old(self) -> float:
@@ -93,6 +94,7 @@ class StepMetrics:
             "iou": [None if np.isnan(v) else float(v) for v in self.iou],
             "class_names": names[: len(self.iou)] if names else None,
             "num_base": self.num_base,
+            **({"confusion": self.confusion} if self.confusion is not None else {}),
         }
 
     def ranges(self) -> tuple[str, str]:
@@ -105,7 +107,48 @@ class StepMetrics:
 
 def step_metrics(cm: ConfusionMatrix, step: int, num_base: int, class_names=None) -> StepMetrics:
     return StepMetrics(step=step, iou=[float(v) for v in cm.iou()], num_base=num_base,
-                       class_names=class_names)
+                       class_names=class_names, confusion=cm.mat.cpu().tolist())
+
+
+def class_errors(confusion: Sequence[Sequence[int]], class_names: Optional[Sequence[str]] = None,
+                 top: int = 2) -> list[dict]:
+    """Per class of a confusion matrix ([ground truth][prediction] pixel counts): IoU, recall,
+    precision, the classes its missed pixels were predicted as, and the true classes of the pixels
+    wrongly predicted as it (each the `top` largest, as fractions of the class's ground truth or of
+    its predictions). Absent from both: NaN figures."""
+    m = np.asarray(confusion, dtype=float)
+    n = m.shape[0]
+    names = list(class_names)[:n] if class_names is not None else [str(c) for c in range(n)]
+    gt, pred, tp = m.sum(1), m.sum(0), np.diag(m)
+    out = []
+    for c in range(n):
+        def ratio(a: float, b: float) -> float:
+            return float(a / b) if b > 0 else float("nan")
+
+        missed = [(names[k], ratio(m[c, k], gt[c])) for k in np.argsort(-m[c]) if k != c and m[c, k] > 0][:top]
+        wrong = [(names[k], ratio(m[k, c], pred[c])) for k in np.argsort(-m[:, c]) if k != c and m[k, c] > 0][:top]
+        out.append({"class": names[c], "iou": ratio(tp[c], gt[c] + pred[c] - tp[c]),
+                    "recall": ratio(tp[c], gt[c]), "precision": ratio(tp[c], pred[c]),
+                    "pixels": int(gt[c]), "predicted": int(pred[c]),
+                    "missed_as": missed, "false_from": wrong})
+    return out
+
+
+def format_class_errors(rows: Sequence[dict]) -> str:
+    """One line per class: IoU, recall and precision in percent, where its misses went and where its
+    false positives came from."""
+    def pct(v: float) -> str:
+        return "    -" if np.isnan(v) else f"{100 * v:5.1f}"
+
+    def pairs(p: Sequence[tuple[str, float]]) -> str:
+        return ", ".join(f"{k} {100 * v:.0f}%" for k, v in p) or "-"
+
+    width = max([len("class")] + [len(r["class"]) for r in rows])
+    lines = [f"{'class':<{width}} |   IoU | recall | precision | missed pixels predicted as | false positives are truly"]
+    for r in rows:
+        lines.append(f"{r['class']:<{width}} | {pct(r['iou'])} |  {pct(r['recall'])} |     {pct(r['precision'])} | "
+                     f"{pairs(r['missed_as'])} | {pairs(r['false_from'])}")
+    return "\n".join(lines)
 
 
 def forgetting(history: Sequence[Sequence[float]], classes_per_step: Sequence[int]) -> list[float]:

@@ -236,7 +236,8 @@ class StepEvaluator:
         if kept is not None and kept.is_file():
             row = loads(kept.read_text())
             return EvalResult(raw=StepMetrics(step=0, iou=[float("nan") if v is None else v for v in row["iou"]],
-                                              num_base=row["num_base"], class_names=row.get("class_names")))
+                                              num_base=row["num_base"], class_names=row.get("class_names"),
+                                              confusion=row.get("confusion")))
         result = self._evaluate(model, step, calibrators, sweep, prototypes)
         if kept is not None:
             atomic_write_text(kept, dumps(result.raw.as_dict()))
