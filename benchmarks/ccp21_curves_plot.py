@@ -19,6 +19,8 @@ from typing import Optional
 
 import yaml
 
+from ciss.metrics import class_errors
+
 HERE = Path(__file__).resolve().parent / "results"
 DEFAULTS = {("model", "head_channels"): 128, ("data", "scale"): [0.5, 2.0]}  # the cpu recipe's
 
@@ -72,10 +74,24 @@ def new_class_ious(p: dict) -> list[tuple[str, float]]:
     return out
 
 
+def new_class_errors(p: dict) -> str:
+    """Recall / precision (%) of each incremental step's new classes right after that step, from the
+    confusion matrices the records hold (runs evaluated before they were recorded: '-')."""
+    out = []
+    for prev, r in zip(p["rows"], p["rows"][1:]):
+        if "confusion" not in r:
+            return "-"
+        errs = class_errors(r["confusion"], r["class_names"])
+        out += [f"{e['class']} {100 * e['recall']:.0f} / {100 * e['precision']:.0f}" if e["predicted"]
+                else f"{e['class']} {100 * e['recall']:.0f} / -" for e in errs[len(prev["iou"]):]]
+    return ", ".join(out)
+
+
 def ft_table(pts: list[dict], joints: list[dict]) -> None:
     print("| run | step 0 (lr, epochs, size, skip) | lr_next | epochs_next | new class right after its step "
-          "(mean; per step) | last class after the last step: FT / Joint | all-class mIoU | minutes |")
-    print("|---|---|---:|---:|---|---|---:|---:|")
+          "(mean; per step) | its recall / precision | last class after the last step: this run / Joint | "
+          "all-class mIoU | minutes |")
+    print("|---|---|---:|---:|---|---|---|---:|---:|")
     for p in pts:
         news = new_class_ious(p)
         last_name = p["names"][-1]
@@ -88,7 +104,7 @@ def ft_table(pts: list[dict], joints: list[dict]) -> None:
         mean = sum(v for _, v in news) / len(news) if news else float("nan")
         per = ", ".join(f"{n} {v:.1f}" for n, v in news)
         print(f"| {p['run']} | {p['lr']:g}, {p['epochs']}, {p['size']}, {p['skip']} | {p['lr_next']:g} | "
-              f"{p['epochs_next']} | {mean:.1f}; {per} | {ratio} | {p['all']:.2f} | {p['minutes']:.0f} |")
+              f"{p['epochs_next']} | {mean:.1f}; {per} | {new_class_errors(p)} | {ratio} | {p['all']:.2f} | {p['minutes']:.0f} |")
 
 
 def _save(fig, ax, xlabel: str, ylabel: str, title: str, name: str) -> None:

@@ -80,3 +80,14 @@ def test_class_errors_by_hand():
     assert math.isnan(c["iou"]) and math.isnan(c["recall"])  # absent from truth and prediction
     text = format_class_errors(rows)
     assert "bg 50%" in text and len(text.splitlines()) == 5
+
+
+def test_recorded_row_reads_back():
+    from ciss.metrics import StepMetrics
+
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([[[0, 1, 1]]]), torch.tensor([[[0, 1, 0]]]))
+    m = step_metrics(cm, 2, 2, ["bg", "a", "b"])  # class b absent: NaN IoU, None in the row
+    back = StepMetrics.from_dict(m.as_dict())
+    assert back.as_dict()["iou"] == m.as_dict()["iou"] == [0.5, 0.5, None]
+    assert (back.step, back.num_base, back.class_names) == (2, 2, ["bg", "a", "b"]) and math.isnan(back.iou[2]) and back.confusion == cm.mat.tolist()

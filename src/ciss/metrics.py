@@ -97,6 +97,12 @@ class StepMetrics:
             **({"confusion": self.confusion} if self.confusion is not None else {}),
         }
 
+    @classmethod
+    def from_dict(cls, row: dict) -> "StepMetrics":
+        """The inverse of `as_dict` (a recorded row; its None IoUs back to NaN)."""
+        return cls(step=row["step"], iou=[float("nan") if v is None else v for v in row["iou"]],
+                   num_base=row["num_base"], class_names=row.get("class_names"), confusion=row.get("confusion"))
+
     def ranges(self) -> tuple[str, str]:
         """Column headers in the papers' style, e.g. ('0-15', '16-20')."""
         n = len(self.iou)

@@ -235,9 +235,7 @@ class StepEvaluator:
                 and prototypes is None and not self.dist.enabled else None)
         if kept is not None and kept.is_file():
             row = loads(kept.read_text())
-            return EvalResult(raw=StepMetrics(step=0, iou=[float("nan") if v is None else v for v in row["iou"]],
-                                              num_base=row["num_base"], class_names=row.get("class_names"),
-                                              confusion=row.get("confusion")))
+            return EvalResult(raw=StepMetrics.from_dict(row))
         result = self._evaluate(model, step, calibrators, sweep, prototypes)
         if kept is not None:
             atomic_write_text(kept, dumps(result.raw.as_dict()))

@@ -220,10 +220,7 @@ class Experiment:
                            else self.run.kept_wall_time(before_step=first))
         self._t0 = t0
 
-        results = [StepMetrics(step=r["step"], iou=[float("nan") if v is None else v for v in r["iou"]],
-                               num_base=r["num_base"], class_names=r.get("class_names"),
-                               confusion=r.get("confusion"))
-                   for t, r in sorted(done.items()) if t < first and "iou" in r]
+        results = [StepMetrics.from_dict(r) for t, r in sorted(done.items()) if t < first and "iou" in r]
         for r in results:
             self.log.print(format_table([r]).splitlines()[-1] if r.step else format_table([r]))
 
