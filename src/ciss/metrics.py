@@ -126,11 +126,11 @@ def class_errors(confusion: Sequence[Sequence[int]], class_names: Optional[Seque
     n = m.shape[0]
     names = list(class_names)[:n] if class_names is not None else [str(c) for c in range(n)]
     gt, pred, tp = m.sum(1), m.sum(0), np.diag(m)
+    def ratio(a: float, b: float) -> float:
+        return float(a / b) if b > 0 else float("nan")
+
     out = []
     for c in range(n):
-        def ratio(a: float, b: float) -> float:
-            return float(a / b) if b > 0 else float("nan")
-
         missed = [(names[k], ratio(m[c, k], gt[c])) for k in np.argsort(-m[c]) if k != c and m[c, k] > 0][:top]
         wrong = [(names[k], ratio(m[k, c], pred[c])) for k in np.argsort(-m[:, c]) if k != c and m[k, c] > 0][:top]
         out.append({"class": names[c], "iou": ratio(tp[c], gt[c] + pred[c] - tp[c]),
