@@ -1,8 +1,9 @@
 """Post-hoc calibration and the NCM probe on finished ccp21 runs (see benchmarks/ccp21_table.py).
 
-For each method's run directory it runs (or reuses) `ciss eval RUN --calibration alg,pcv[,sweep]
-[--probe ncm]`, then writes one Markdown page: raw vs ALG vs PCV after every step, the sweep's AUSUC
-and trade-off plot, and the probe beside the trained classifier.
+For each method's run directory it runs (or reuses) `ciss eval RUN --calibration A,B[,sweep]
+[--probe ncm]` (A,B: `--pair`, default alg,pcv), then writes one Markdown page: raw vs A vs B after
+every step, the sweep's AUSUC and trade-off plot, and the probe beside the trained classifier.
+benchmarks/results/ccp21_15-1_calibration.md was made with the pair now named alg_all,pcv_fit.
 
     python benchmarks/ccp21_calibration.py --runs ~/ciss-runs/ccp21 --methods ft mib plop ssul \
         --sweep ft mib --probe ft mib --out benchmarks/results/ccp21_15-1_calibration.md
@@ -43,8 +44,15 @@ def main() -> int:
     ap.add_argument("--sweep", nargs="*", default=[], help="methods that also get the gamma sweep")
     ap.add_argument("--probe", nargs="*", default=[], help="methods that also get the NCM probe")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--pair", default="alg,pcv",
+                    help="the two calibrators tabulated, comma-separated (ccp21_15-1_calibration.md: alg_all,pcv_fit)")
     ap.add_argument("--notes", help="Markdown file appended to the page (findings written by hand)")
     args = ap.parse_args()
+    pair = [n.strip() for n in args.pair.split(",") if n.strip()]
+    if len(pair) != 2:
+        ap.error(f"--pair needs two calibrators, comma-separated (got '{args.pair}')")
+    first, second = pair
+    A, B = first.upper(), second.upper()
     runs = Path(args.runs).expanduser()
     out = Path(args.out)
     fig_dir = out.parent / (out.stem + "_figures")
@@ -58,7 +66,7 @@ def main() -> int:
         if not (run / "summary.json").is_file():
             print(f"skip {m}: {run} has not finished", file=sys.stderr)
             continue
-        cal = "alg,pcv" + (",sweep" if m in args.sweep else "")
+        cal = f"{first},{second}" + (",sweep" if m in args.sweep else "")
         cmd = [sys.executable, "-m", "ciss.cli", "eval", str(run), "--calibration", cal]
         if m in args.probe:
             cmd += ["--probe", "ncm"]
@@ -66,7 +74,7 @@ def main() -> int:
         posthoc = run / "posthoc.jsonl"
         have = [json.loads(l) for l in posthoc.read_text().splitlines()] if posthoc.is_file() else []
         wanted_ok = lambda r: ("calibrated" not in r and r["step"] == 0) or (  # noqa: E731
-            set(r.get("calibrated", {})) >= {"alg", "pcv"}
+            set(r.get("calibrated", {})) >= {first, second}
             and ("sweep" in r or m not in args.sweep or r["step"] == 0)
             and ("ncm" in r or m not in args.probe))
         last = {r["step"]: r for r in have}
@@ -84,28 +92,31 @@ def main() -> int:
                 arr = lambda v: np.array([np.nan if a is None else a for a in v], dtype=float)  # noqa: E731
                 sw["ausuc"] = area_under(arr(sw["miou_s"]), arr(sw["miou_u"]))
 
+    if not rows:
+        sys.exit(f"no finished run of {', '.join(args.methods)} under {runs} "
+                 f"(ccp21-{args.task}-{args.setting}-<method>/summary.json); train them first")
     lines = [f"# ccp21 {args.task} {args.setting}: post-hoc calibration and the NCM probe", "",
              f"Runs of `benchmarks/ccp21_table.py` (cpu recipe) evaluated by `ciss eval` (rows of each run's `posthoc.jsonl`), tabulated at git `{sha[:10]}`; AUSUC is computed here from the stored curves. "
              "mIoU in %, old | new | all in the papers' layout (old = step-0 classes with background). "
              "gamma is added to the logits of the classes absent from the step's data (every class "
-             "learned before the step, background excluded); ALG and PCV fit it on the step's own "
-             "training images only. PCV is the pseudo-labelled adaptation (docs/calibration.md).", ""]
+             f"learned before the step, background excluded); {A} and {B} (`{first}`, `{second}`) fit it "
+             "on the step's own training images only (docs/calibration.md).", ""]
     lines += ["## After the last step", "",
-              "| method | raw old | new | all | +ALG old | new | all | gamma | +PCV old | new | all | gamma |",
+              f"| method | raw old | new | all | +{A} old | new | all | gamma | +{B} old | new | all | gamma |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, rs in rows.items():
         r = rs[-1]
-        a, p = r["calibrated"]["alg"], r["calibrated"]["pcv"]
+        a, p = r["calibrated"][first], r["calibrated"][second]
         lines.append(f"| {m} | {three(r)} | {three(a)} | {a['gamma']:.3g} | {three(p)} | {p['gamma']:.3g} |")
     lines += ["", "## Every step (all classes, mIoU %)", "",
-              "| method | " + " | ".join(f"step {r['step']} raw / ALG / PCV" for r in next(iter(rows.values()))) + " |",
+              "| method | " + " | ".join(f"step {r['step']} raw / {A} / {B}" for r in next(iter(rows.values()))) + " |",
               "|---|" + "---|" * len(next(iter(rows.values())))]
     for m, rs in rows.items():
         cells = []
         for r in rs:
             c = r.get("calibrated")
             cells.append(pct(r["miou_all"]) if not c else
-                         f"{pct(r['miou_all'])} / {pct(c['alg']['miou_all'])} / {pct(c['pcv']['miou_all'])}")
+                         f"{pct(r['miou_all'])} / {pct(c[first]['miou_all'])} / {pct(c[second]['miou_all'])}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
 
     swept = {m: rs for m, rs in rows.items() if any("sweep" in r for r in rs)}
