@@ -156,6 +156,35 @@ def test_feature_pod_starts_at_zero_only_with_frozen_bn_statistics(fix_bn):
     assert all(m.training for m in model.modules())  # step 0 trains BN as usual
 
 
+@pytest.mark.parametrize("old_bn", ["running", "batch"])
+def test_pod_old_bn_batch_compares_maps_under_the_same_statistics(old_bn):
+    old, model, batches = tiny_setup()
+    with torch.no_grad():  # new classes adding nothing to the background logit
+        for p in model.classifier.convs[1].parameters():
+            p.zero_()
+    plop = build_method("plop", pod_old_bn=old_bn)
+    assert build_method("plop").pod_old_bn == "running"  # PLOP's
+    plop.on_step_start(model, old, batches, CTX)
+    plop.train_mode(model, CTX, plop.phases(CTX)[0])
+    model.head.dropout.eval()  # isolate BN: dropout draws masks in the new model only
+    b = batches[0]
+    with torch.no_grad():
+        out = model(b.image)
+        old_out = old(b.image)  # what the loop passes: the eval-mode old model
+        terms = plop.loss(out, plop.make_targets(b, out, old_out, CTX), old_out, b, CTX)
+    # Unchanged weights: the eval-mode old model's maps differ from the train-mode new model's by the
+    # BN statistics alone; under "batch" the old maps use the batch's statistics too.
+    assert (terms["pod"].item() == 0.0) if old_bn == "batch" else (terms["pod"].item() > 1e-3)
+    assert all(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not old.training  # the pseudo-labels' old model is untouched
+    with pytest.raises(ValueError, match="pod_old_bn"):
+        build_method("plop", pod_old_bn="frozen")
+    if old_bn == "batch":
+        with pytest.raises(RuntimeError, match="on_step_start"):
+            build_method("plop", pod_old_bn="batch").loss(out, plop.make_targets(b, out, old_out, CTX),
+                                                          old_out, b, CTX)
+
+
 def test_thresholds_are_floored_medians_and_survive_a_checkpoint():
     old, model, batches = tiny_setup()
     plop = build_method("plop", median_bins=1000)

@@ -3,6 +3,7 @@ and Local POD distillation of the backbone stages, the decoder output and the lo
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -45,11 +46,20 @@ def merge_new_into_background(logits: torch.Tensor, num_old: int) -> torch.Tenso
     return torch.cat([bg, logits[:, 1:num_old]], dim=1)
 
 
-
 def step_factor(ctx: StepContext) -> float:
     """PLOP's distillation schedule sqrt(seen classes / new classes). A domain-incremental step adds
     no class; its official task lists give every step all the classes, i.e. a factor of 1."""
     return math.sqrt(ctx.num_seen / ctx.num_new) if ctx.num_new else 1.0
+
+
+def batch_statistics_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode but for its BN layers, which normalise with the batch's statistics."""
+    twin = copy.deepcopy(model).eval()
+    for m in twin.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    return twin
+
 
 @dataclass
 class PLOP(Method):
@@ -81,10 +91,21 @@ class PLOP(Method):
     # POD ~64 with unchanged weights (ccp21, cpu recipe), but freezing them diverges within 3
     # iterations on EfficientNet-Lite, whose early depthwise BNs hold channels of running variance 0.
     fix_bn: bool = False
+    # Which BN statistics the old model's maps for POD use. "running": PLOP run.py's old model in eval
+    # mode, beside a new model normalising with the batch's statistics, so POD is large before any
+    # update. "batch" (ours, not the paper's): the old model's maps from the batch's statistics too
+    # (unchanged weights give POD 0 but for the head's dropout); its pseudo-labels stay eval-mode.
+    # Measured on ccp21: benchmarks/results/ccp21_curves.md.
+    pod_old_bn: str = "running"
 
     # State, not hyperparameters: the (num_old,) thresholds of the step they were computed for.
     thresholds: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
     thresholds_step: int = field(default=-1, init=False, repr=False, compare=False)
+    _old_batch_bn: Optional[nn.Module] = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.pod_old_bn not in ("running", "batch"):
+            raise ValueError(f"PLOP pod_old_bn must be 'running' (PLOP's) or 'batch', got {self.pod_old_bn!r}")
 
     # ---- step life cycle --------------------------------------------------------------------
     def train_mode(self, model: nn.Module, ctx: StepContext, phase: Phase) -> None:
@@ -101,6 +122,8 @@ class PLOP(Method):
         # PLOP train.py before(): thresholds only for step > 0; step 0 is plain CE.
         if ctx.step == 0 or old_model is None:
             return
+        if self.pod_old_bn == "batch":
+            self._old_batch_bn = batch_statistics_copy(old_model).requires_grad_(False)
         if self.thresholds_step == ctx.step and self.thresholds is not None:
             return  # resumed inside this step: keep the thresholds it trained with
         self.thresholds = self.compute_thresholds(old_model, loader, ctx).cpu()
@@ -166,10 +189,22 @@ class PLOP(Method):
         ce = cross_entropy(out.logits[:, : ctx.num_seen], targets.label, targets.weight)
         if ctx.step == 0 or old is None:
             return {"loss": ce, "ce": ce}
+        if self.pod_old_bn == "batch":
+            if self._old_batch_bn is None:
+                raise RuntimeError(f"PLOP has no batch-statistics old model for step {ctx.step}; "
+                                   f"call on_step_start(model, old_model, loader, ctx) first")
+            with torch.no_grad():
+                old = self._old_batch_bn(batch.image)
         pod = self.pod_loss(out, old, ctx)
         return {"loss": ce + pod, "ce": ce, "pod": pod}
 
     def pod_loss(self, out: SegOutput, old: SegOutput, ctx: StepContext) -> torch.Tensor:
+        # PLOP returns the sum over layers divided by the number of layers.
+        terms = self.pod_terms(out, old, ctx)
+        return sum(terms) / len(terms)
+
+    def pod_terms(self, out: SegOutput, old: SegOutput, ctx: StepContext) -> list[torch.Tensor]:
+        """Each distilled map's weighted POD distance, in PLOP's order; pod_loss is their mean."""
         # PLOP defaults pod_apply="all" and pod_deeplab_mask=False: every map, no background mask.
         # PLOP attentions: ResNet's four stages (strides 4, 8, 16, 16, pre-activation), i.e. the stages
         # the backbone declares in `distill_stages` (EfficientNet-Lite0: its stages 1-4, which end in
@@ -186,10 +221,8 @@ class PLOP(Method):
         factors = [self.pod_factor] * (len(new_maps) - 1) + [self.pod_logits_factor]
         # PLOP features_distillation: sqrt(nb_current_classes / nb_new_classes) on every layer.
         schedule = step_factor(ctx) if self.pod_schedule else 1.0
-        total = sum(f * local_pod_distance(o, n, self.spp_scales)
-                    for f, o, n in zip(factors, old_maps, new_maps))
-        # PLOP returns the sum over layers divided by the number of layers.
-        return schedule * total / len(new_maps)
+        return [schedule * f * local_pod_distance(o, n, self.spp_scales)
+                for f, o, n in zip(factors, old_maps, new_maps)]
 
     # ---- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
