@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -60,7 +61,7 @@ def main() -> int:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     rows: dict[str, list[dict]] = {}
-    commands, times = {}, {}
+    commands, times, recipes = {}, {}, set()
     for m in args.methods:
         run = runs / f"ccp21-{args.task}-{args.setting}-{m}"
         if not (run / "summary.json").is_file():
@@ -86,6 +87,7 @@ def main() -> int:
             have = [json.loads(l) for l in posthoc.read_text().splitlines()]
             last = {r["step"]: r for r in have}
         rows[m] = [last[t] for t in sorted(last)]
+        recipes.add(str(yaml.safe_load((run / "config.yaml").read_text()).get("recipe")))
         for r in rows[m]:  # the area from the stored curve, with the current definition
             if "sweep" in r:
                 sw = r["sweep"]
@@ -96,7 +98,7 @@ def main() -> int:
         sys.exit(f"no finished run of {', '.join(args.methods)} under {runs} "
                  f"(ccp21-{args.task}-{args.setting}-<method>/summary.json); train them first")
     lines = [f"# ccp21 {args.task} {args.setting}: post-hoc calibration and the NCM probe", "",
-             f"Runs of `benchmarks/ccp21_table.py` (cpu recipe) evaluated by `ciss eval` (rows of each run's `posthoc.jsonl`), tabulated at git `{sha[:10]}`; AUSUC is computed here from the stored curves. "
+             f"Runs of `benchmarks/ccp21_table.py` (recipe {', '.join(sorted(recipes))}) evaluated by `ciss eval` (rows of each run's `posthoc.jsonl`), tabulated at git `{sha[:10]}`; AUSUC is computed here from the stored curves. "
              "mIoU in %, old | new | all in the papers' layout (old = step-0 classes with background). "
              "gamma is added to the logits of the classes absent from the step's data (every class "
              f"learned before the step, background excluded); {A} and {B} (`{first}`, `{second}`) fit it "
