@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch import nn
 
-from ciss.methods.plop import batch_statistics_copy
+from ciss.methods.plop import batch_statistics_copy, step_factor
 from ciss.results import load_checkpoint
 from pckd_probe import start_of_step
 
@@ -36,6 +36,7 @@ def main() -> None:
         raise SystemExit(f"{run}: method {exp.method.name} distils no POD")
     if args.trained:
         exp.load_into(model, load_checkpoint(run / "ckpt" / f"step-{args.step}.pt"), with_method=False)
+    schedule = step_factor(ctx) if plop.pod_schedule else 1.0
     names = [f"stage {i}" for i in range(len(old.backbone.distill_stages))] + ["decoder"]
     names += ["logits"] if plop.pod_logits else []
     with torch.no_grad():
@@ -46,7 +47,7 @@ def main() -> None:
                 if isinstance(m, nn.Dropout):
                     m.eval()
             o = batch_statistics_copy(old)(batch.image) if old_bn == "batch" else old(batch.image)
-            rows[f"{new_mode}/{old_bn}"] = [float(t) for t in plop.pod_terms(new(batch.image), o, ctx)]
+            rows[f"{new_mode}/{old_bn}"] = [schedule * float(t) for t in plop.pod_terms(new(batch.image), o, ctx)]
     print(f"{run.name}, step {args.step} {'trained' if args.trained else 'at its start'}, batch of "
           f"{batch.image.shape[0]}: each map's term of the POD loss (the loss is their mean)")
     print("| pairing | " + " | ".join(names) + " | POD loss |")

@@ -199,12 +199,14 @@ class PLOP(Method):
         return {"loss": ce + pod, "ce": ce, "pod": pod}
 
     def pod_loss(self, out: SegOutput, old: SegOutput, ctx: StepContext) -> torch.Tensor:
-        # PLOP returns the sum over layers divided by the number of layers.
+        # PLOP features_distillation: sqrt(nb_current_classes / nb_new_classes) on every layer; it
+        # returns the sum over layers divided by the number of layers.
+        schedule = step_factor(ctx) if self.pod_schedule else 1.0
         terms = self.pod_terms(out, old, ctx)
-        return sum(terms) / len(terms)
+        return schedule * sum(terms) / len(terms)
 
     def pod_terms(self, out: SegOutput, old: SegOutput, ctx: StepContext) -> list[torch.Tensor]:
-        """Each distilled map's weighted POD distance, in PLOP's order; pod_loss is their mean."""
+        """Each distilled map's POD distance times its factor, in PLOP's order (before the schedule)."""
         # PLOP defaults pod_apply="all" and pod_deeplab_mask=False: every map, no background mask.
         # PLOP attentions: ResNet's four stages (strides 4, 8, 16, 16, pre-activation), i.e. the stages
         # the backbone declares in `distill_stages` (EfficientNet-Lite0: its stages 1-4, which end in
@@ -219,9 +221,7 @@ class PLOP(Method):
         # PLOP pod_options switch.after: its factor goes to the last map of the list, the logits,
         # or the decoder output when the logits are not distilled.
         factors = [self.pod_factor] * (len(new_maps) - 1) + [self.pod_logits_factor]
-        # PLOP features_distillation: sqrt(nb_current_classes / nb_new_classes) on every layer.
-        schedule = step_factor(ctx) if self.pod_schedule else 1.0
-        return [schedule * f * local_pod_distance(o, n, self.spp_scales)
+        return [f * local_pod_distance(o, n, self.spp_scales)
                 for f, o, n in zip(factors, old_maps, new_maps)]
 
     # ---- state ----------------------------------------------------------------------------
