@@ -262,3 +262,20 @@ def test_a_domain_step_distils_with_factor_one():
         SegOutput(torch.zeros(2, 3, 8, 8), moved), SegOutput(torch.zeros(2, 3, 8, 8), feats), ctx)
     assert torch.isfinite(pod) and pod.item() > 0 and torch.equal(pod, unscheduled)
 
+
+
+@pytest.mark.parametrize("wrapper", ["gsc", "nest_plop"])
+def test_methods_over_plop_take_its_pod_old_bn(wrapper):
+    old, model, batches = tiny_setup()
+    m = build_method(wrapper, base={"name": "plop", "pod_old_bn": "batch"})
+    assert m.base.pod_old_bn == "batch"
+    m.init_new_classifiers(model, old, CTX)
+    m.on_step_start(model, old, batches, CTX)
+    assert m.base._old_batch_bn is not None and not m.base._old_batch_bn.training
+    model.train()
+    b = batches[1]
+    out = model(b.image)
+    with torch.no_grad():
+        old_out = old(b.image)
+    terms = m.loss(out, m.make_targets(b, out, old_out, CTX), old_out, b, CTX)
+    assert torch.isfinite(terms["loss"]) and terms["pod"] > 0
