@@ -24,7 +24,7 @@ def bn_layers(module: nn.Module) -> dict[str, nn.Module]:
 def with_statistics(model: nn.Module, source: nn.Module, only: list[nn.Module] | None) -> nn.Module:
     """`model` with the running statistics of `source`'s BN layers (those under `only`, if given)."""
     inside = None if only is None else {id(m) for o in only for m in o.modules()}
-    keep = [n for n, m in bn_layers(model).items() if inside is None or id(m) in inside]
+    keep = {n for n, m in bn_layers(model).items() if inside is None or id(m) in inside}
     if not keep:
         raise SystemExit("no BN layer to take the statistics of")
     model = copy.deepcopy(model)

@@ -263,7 +263,6 @@ def test_a_domain_step_distils_with_factor_one():
     assert torch.isfinite(pod) and pod.item() > 0 and torch.equal(pod, unscheduled)
 
 
-
 @pytest.mark.parametrize("wrapper", ["gsc", "nest_plop"])
 def test_methods_over_plop_take_its_pod_old_bn(wrapper):
     old, model, batches = tiny_setup()

@@ -88,7 +88,7 @@ class PLOP(Method):
     # PLOP argparser.py 'PLOP': init_balanced True (MiB's background split).
     init_balanced: bool = True
     # PLOP's --fix_bn, off as in its scripts. At batch 8 the batch statistics alone give a step's first
-    # POD ~64 with unchanged weights (ccp21, cpu recipe), but freezing them diverges within 3
+    # POD ~64 with unchanged weights (ccp21, cpu-short recipe), but freezing them diverges within 3
     # iterations on EfficientNet-Lite, whose early depthwise BNs hold channels of running variance 0.
     fix_bn: bool = False
     # Which BN statistics the old model's maps for POD use. "running": PLOP run.py's old model in eval
