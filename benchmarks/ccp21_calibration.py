@@ -36,6 +36,20 @@ def three(r: dict) -> str:
     return f"{pct(r['miou_old'])} | {pct(r['miou_new'])} | {pct(r['miou_all'])}"
 
 
+def last_step_figures(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Per method, all-class mIoU (%) after the last step: raw, every calibrator's, the sweep's best."""
+    out = {}
+    for m, rs in rows.items():
+        r = rs[-1]
+        fig = {"step": r["step"], "raw_all": 100 * r["miou_all"]}
+        fig.update({f"{name}_all": 100 * c["miou_all"] for name, c in r.get("calibrated", {}).items()})
+        fig.update({f"{name}_gamma": c["gamma"] for name, c in r.get("calibrated", {}).items()})
+        if "sweep" in r:
+            fig["oracle_all"] = 100 * max(v for v in r["sweep"]["miou_all"] if v is not None and not math.isnan(v))
+        out[m] = {k: round(v, 4) for k, v in fig.items()}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", required=True)
@@ -48,6 +62,8 @@ def main() -> int:
     ap.add_argument("--pair", default="alg,pcv",
                     help="the two calibrators tabulated, comma-separated (ccp21_15-1_calibration.md: alg_all,pcv_fit)")
     ap.add_argument("--notes", help="Markdown file appended to the page (findings written by hand)")
+    ap.add_argument("--json", help="also write, per method, raw_all, oracle_all (with the sweep) and <calibrator>_all "
+                                   "after the last step, in % (benchmarks/results/ccp21_calibration.json)")
     args = ap.parse_args()
     pair = [n.strip() for n in args.pair.split(",") if n.strip()]
     if len(pair) != 2:
@@ -166,6 +182,8 @@ def main() -> int:
                   ", ".join(f"{m} {t:.0f} s" for m, t in times.items())]
     if args.notes:
         lines += ["", Path(args.notes).read_text()]
+    if args.json:
+        Path(args.json).write_text(json.dumps(last_step_figures(rows), indent=1, sort_keys=True) + "\n")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
     return 0

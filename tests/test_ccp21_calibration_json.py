@@ -1,0 +1,31 @@
+"""benchmarks/ccp21_calibration.py --json: the last step's raw, calibrated and oracle figures."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ccp21_calibration.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("ccp21_calibration", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_last_step_figures_reads_the_last_row_and_the_sweeps_best():
+    rows = {"ft": [
+        {"step": 0, "miou_all": 0.5},
+        {"step": 1, "miou_all": 0.04, "calibrated": {"pcv": {"miou_all": 0.2, "gamma": 6.5}},
+         "sweep": {"miou_all": [0.04, None, float("nan"), 0.25, 0.1]}},
+    ]}
+    fig = load().last_step_figures(rows)["ft"]
+    assert fig["step"] == 1
+    assert fig["raw_all"] == 4.0
+    assert fig["pcv_all"] == 20.0 and fig["pcv_gamma"] == 6.5
+    assert fig["oracle_all"] == 25.0
+
+
+def test_last_step_figures_without_calibration_has_raw_only():
+    fig = load().last_step_figures({"joint": [{"step": 0, "miou_all": 0.2863}]})["joint"]
+    assert fig == {"step": 0, "raw_all": 28.63}
