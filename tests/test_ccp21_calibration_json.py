@@ -29,3 +29,12 @@ def test_last_step_figures_reads_the_last_row_and_the_sweeps_best():
 def test_last_step_figures_without_calibration_has_raw_only():
     fig = load().last_step_figures({"joint": [{"step": 0, "miou_all": 0.2863}]})["joint"]
     assert fig == {"step": 0, "raw_all": 28.63}
+
+
+def test_plot_tradeoff_reads_a_sweep_as_stored_in_posthoc_jsonl(tmp_path):
+    from ciss.plots import plot_tradeoff
+
+    sweep = {"gamma": ["-Infinity", -1.0, 0.0, 2.0, "Infinity"],  # the infinite ends as written to JSON
+             "miou_s": [0.9, 0.85, 0.8, 0.5, 0.1], "miou_u": [0.0, 0.05, 0.1, 0.3, 0.4]}
+    path = plot_tradeoff([("step 1", sweep)], tmp_path / "sweep.png", title="t")
+    assert Path(path).stat().st_size > 0

@@ -25,7 +25,8 @@ def plot_tradeoff(curves: Sequence[tuple[str, dict[str, Any]]], path: str | Path
                if s is not None and u is not None and not (math.isnan(s) or math.isnan(u))]
         area = area_under(np.array([s for s, _ in pts]), np.array([u for _, u in pts]))
         ax.plot([100 * s for s, _ in pts], [100 * u for _, u in pts], label=f"{label} (AUSUC {100 * area:.1f})")
-        at0 = c["gamma"].index(min(c["gamma"], key=abs))  # the uncalibrated point
+        gammas = [float(g) for g in c["gamma"]]  # posthoc.jsonl stores the infinite ends as "-Infinity"/"Infinity"
+        at0 = gammas.index(min(gammas, key=abs))  # the uncalibrated point
         ax.scatter([100 * c["miou_s"][at0]], [100 * c["miou_u"][at0]], marker="o", s=18)
     ax.set_xlabel("mIoU, background + the step's classes (%)")
     ax.set_ylabel("mIoU, absent classes (%)")
