@@ -62,7 +62,8 @@ class EWC(Method):
 
     # PLOP argparser.py 'EWC': 100 (MiB's preset is 500, SDR's 1000). The normalised Fisher peaks at 1, so
     # Nesterov SGD diverges once lr_next > 0.68 / reg_importance: 500 holds at MiB's 0.001 only, 100 also
-    # at the cpu recipe's 0.005. Set 500 with the paper recipe to reproduce MiB's EWC.
+    # at cpu-short's 0.005, not at the cpu recipe's 0.01 (its v2 grid sets 50). Set 500 with the paper
+    # recipe to reproduce MiB's EWC.
     reg_importance: float = 100.0
     # MiB argparser.py --reg_alpha default 0.9: F = alpha F_new + (1 - alpha) F_prev. MiB applies it
     # at every iteration to the squared gradients; here once per step, to the step's Fisher.
