@@ -204,3 +204,18 @@ def test_a_named_variant_trains_its_method_with_its_keys_under_its_own_name(tmp_
     plain, variant = (load_config(None, overrides(grid, p)) for p in points)
     assert plain.method == variant.method == "gsc"
     assert plain.method_args == {} and variant.method_args == {"pr": False}
+
+
+def test_only_runs_the_matching_points_and_refuses_a_pattern_that_matches_none(tmp_path, capsys):
+    g = write_grid(tmp_path / "g.yaml", tmp_path)
+    assert main(["bench", str(g), "--only", "*lwf*", "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 1 runs finished" in out and out.count("to run:") == 1 and "lwf" in out
+    assert main(["bench", str(g), "--only", "*lwf*"]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "grid" / "grid.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"lwf"}
+    capsys.readouterr()
+    assert main(["bench", str(g), "--only", "*plop*"]) == 2
+    err = capsys.readouterr().err
+    assert "g.yaml" in err and "--only *plop*" in err and "matches none" in err
+    assert "Traceback" not in err

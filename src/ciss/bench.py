@@ -24,13 +24,15 @@ runs from any directory; `out_dir` stays relative to where `ciss bench` runs.
 
 A finished run found under its name is not run again; if grid.jsonl has no rows for it yet (a run
 made by `ciss train` under that name, or an earlier grid), they are written from its results, marked
-`"recorded": "found"`. `ciss bench GRID --status` lists what remains; `--jobs N` runs N points at once;
+`"recorded": "found"`. `ciss bench GRID --status` lists what remains; `--only PATTERN` keeps the runs whose names match a
+shell pattern (e.g. `'*-plop*'`; repeatable); `--jobs N` runs N points at once;
 `--executor slurm` submits one job per point instead (ciss.cluster; options in an optional `slurm:`
 section), whose runs `--status` (or `--wait`) records once they have finished.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import os
@@ -41,7 +43,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 from tqdm import tqdm
@@ -158,8 +160,10 @@ def _rows(name: str, config: dict[str, Any], point: dict[str, Any], run_dir: Pat
 
 def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = True, jobs: int = 1,
              status: bool = False, executor: Optional[str] = None, slurm: Optional[dict] = None,
-             wait: bool = False) -> Path:
+             wait: bool = False, only: Sequence[str] = ()) -> Path:
     """Run every point of the grid that has not finished; returns the grid's JSONL file.
+
+    `only`: shell patterns (fnmatch); when given, the grid is reduced to the runs whose names match one.
 
     `jobs` > 1 runs that many points at once, each a `ciss train` process with its share of the cores
     and its log in <out_dir>/<run>.log. `status` only records finished runs and lists what remains.
@@ -178,6 +182,8 @@ def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = T
         cfg = load_config(None, args, recipe=grid.get("recipe"))
         cfg.progress = False
         configs.append((point, cfg, args))
+    if only:
+        configs = select_runs(configs, only, path)
     rows_path = out / "grid.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     recorded = set()
@@ -226,6 +232,17 @@ def run_grid(path: str | Path, out_dir: Optional[str] = None, progress: bool = T
         _run_parallel(todo, out, grid.get("recipe"), jobs, rows_path, sha, bar)
     bar.close()
     return rows_path
+
+
+def select_runs(configs: list, patterns: Sequence[str], path: str | Path) -> list:
+    """The (point, config, args) of `configs` whose run name matches one of `patterns`; a pattern that
+    matches no run is refused with the grid's names, since it is most likely a typo."""
+    names = [cfg.name for _, cfg, _ in configs]
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unmatched:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} runs)" if len(names) > 8 else "")
+        raise ConfigError(f"{path}: --only {' '.join(unmatched)} matches none of the grid's runs ({shown})")
+    return [c for c in configs if any(fnmatch.fnmatchcase(c[1].name, p) for p in patterns)]
 
 
 def _record_found(rows_path: Path, name: str, point: dict[str, Any], run_dir: Path,

@@ -89,7 +89,7 @@ def _bench(args: argparse.Namespace) -> int:
              "cpus_per_task": args.cpus_per_task, "account": args.account, "sbatch": sbatch}
     try:
         rows = run_grid(args.grid, out_dir=args.out_dir, jobs=args.jobs, status=args.status,
-                        executor=args.executor, slurm=slurm, wait=args.wait)
+                        executor=args.executor, slurm=slurm, wait=args.wait, only=args.only)
         print(f"rows: {rows}")
     except RunsFailed as exc:
         print(f"ciss: error: {exc}", file=sys.stderr)
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at once, each a process with its share of the cores (default 1)")
     b.add_argument("--status", action="store_true",
                    help="record finished runs, list the ones still to run and their jobs; train nothing")
+    b.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="only the runs whose names match this shell pattern, e.g. '*-plop*' (repeatable)")
     b.add_argument("--executor", choices=["slurm", "local"],
                    help="one job per point through submitit: slurm, or local (jobs on this machine)")
     b.add_argument("--wait", action="store_true", help="with --executor: wait for the jobs, record the runs")
