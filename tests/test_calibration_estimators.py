@@ -245,3 +245,43 @@ def test_pseudo_labels_mark_confident_old_pixels_and_can_ignore_unsure_ones():
                    [0.0, 10.0, 0.0]])  # a labelled new-class pixel is never relabelled
     assert pseudo_labelled(label, old, 0.7).tolist() == [[[1, 0, 0, 3]]]
     assert pseudo_labelled(label, old, 0.7, ignore_unsure=True).tolist() == [[[1, IGNORE, 0, 3]]]
+
+
+def test_pcv_method_trains_a_copy_as_the_runs_method_does_from_its_stored_state(tiny_cfg, monkeypatch):
+    """`pcv_method`'s pseudo step is the run's method: EWC's loss, with the Fisher information the
+    step-0 checkpoint stored (its on_step_start refuses to run without it), on a copy of the method;
+    the run's method, trained and old models are untouched and the held-out half is scored."""
+    from ciss.engine import Experiment, train
+    from ciss.methods.ewc import EWC
+
+    cfg = tiny_cfg("method=ewc", "method_args={reg_importance: 10}")
+    res = train(cfg)
+    exp = Experiment(cfg, res.run_dir)
+    old, trained = exp.load_step_model(0), exp.load_step_model(1)
+    old_state = {k: v.clone() for k, v in old.state_dict().items()}
+    trained_state = {k: v.clone() for k, v in trained.state_dict().items()}
+    exp.method.fisher = None  # the evaluator's own method holds no state: the copy must read it from step 0
+    calls = []
+    loss = EWC.loss
+
+    def spy(self, out, targets, old_out, batch, ctx):
+        terms = loss(self, out, targets, old_out, batch, ctx)
+        calls.append((self, sorted(terms), ctx.step))
+        return terms
+
+    monkeypatch.setattr(EWC, "loss", spy)
+    cal = exp.evaluator.fit_calibrators(trained, old, 1, ["pcv_method"])["pcv_method"]
+    assert calls and all(m is not exp.method and isinstance(m, EWC) for m, _, _ in calls)
+    assert all(terms == ["ce", "ewc", "loss"] and step == 1 for _, terms, step in calls)
+    assert exp.method.fisher is None
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in trained_state.items())
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in old_state.items())
+    images = exp.scenario.train_indices(1)
+    assert cal.info["held_out_images"] == sum(held_out_image(i) for i in images) > 0
+    assert cal.info["tune_images"] == len(images) - cal.info["held_out_images"]
+    assert cal.info["tune_s"] > 0 and len(cal.info["tune_losses"]) == cal.info["tune_epochs"]
+    assert math.isfinite(cal.gamma)
+    # plain pcv trains its copy with its own CE loop: the method's loss is never called
+    calls.clear()
+    exp.evaluator.fit_calibrators(trained, old, 1, ["pcv"])
+    assert calls == []

@@ -13,7 +13,8 @@ touched. docs/calibration.md says what each one computes and reads.
   sweep.py   apply_gamma, the exact gamma sweep (the oracle `sweep` on the test images), AUSUC
   base.py    the Calibrator contract, the old model's confident predictions, the image split rule
   gap.py     closed forms: `alg` (the paper's), `alg_all` (every labelled pixel), `share`
-  pseudo.py  grid searches on pseudo-labels: `pcv` (with a pseudo fine-tune), `pcv_fit`, `agree`
+  pseudo.py  grid searches on pseudo-labels: `pcv` (with a pseudo fine-tune), `pcv_method` (with a
+             pseudo step of the run's method), `pcv_fit`, `agree`
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from ciss.calibration.base import CONFIDENT, Calibrator, LogitFn, confident_old, held_out_image
 from ciss.calibration.gap import ALG, ALGAll, Share, alg_pixels, alg_sums, share_gamma
-from ciss.calibration.pseudo import PCV, Agree, PCVFit, pseudo_labelled
+from ciss.calibration.pseudo import PCV, Agree, PCVFit, PCVMethod, pseudo_labelled
 from ciss.calibration.sweep import (
     GammaSweep,
     apply_gamma,
@@ -35,7 +36,7 @@ from ciss.calibration.sweep import (
 )
 
 CALIBRATORS: dict[str, type[Calibrator]] = {
-    c.name: c for c in (ALG, ALGAll, PCV, PCVFit, Share, Agree)
+    c.name: c for c in (ALG, ALGAll, PCV, PCVMethod, PCVFit, Share, Agree)
 }
 ANALYSES = ("sweep",)
 
@@ -65,7 +66,7 @@ def parse_calibration(spec: Any) -> list[str]:
 
 __all__ = [
     "ALG", "ALGAll", "ANALYSES", "Agree", "CALIBRATORS", "CONFIDENT", "Calibrator", "GammaSweep",
-    "LogitFn", "PCV", "PCVFit", "Share", "alg_pixels", "alg_sums", "apply_gamma", "area_under",
+    "LogitFn", "PCV", "PCVFit", "PCVMethod", "Share", "alg_pixels", "alg_sums", "apply_gamma", "area_under",
     "best_finite_gamma", "build_calibrator", "confident_old", "gamma_grid", "held_out_image", "iou_of",
     "list_calibrators", "logit_gap", "parse_calibration", "pseudo_labelled", "share_gamma",
     "tradeoff_curve",

@@ -4,6 +4,8 @@ pixels the old model gives to an old class with confidence >= 0.7 are labelled w
 - `pcv`: the paper's pseudo cross-validation carried into segmentation: a copy of the step's
   starting model is fine-tuned on half the step's images (plain CE on the step's labels) and gamma
   is validated on the other half, where the model never saw the pseudo-labelled old objects.
+- `pcv_method`: the same, but the pseudo step is the run's own method (its losses, old model and
+  hooks) on that half: the bias measured is the method's, not plain fine-tuning's.
 - `pcv_fit`: the same score on the trained model's own training pixels (no held-out image).
 - `agree`: on the trained model's training pixels, the gamma whose old-class predictions on the
   background agree best with the old model's confident ones while the new classes stay right.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Optional, Sized
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Optional, Sized
 
 import numpy as np
 import torch
@@ -75,6 +77,9 @@ class PCV(PCVFit):
 
     name = "pcv"
     needs_training = True
+    # False: `tune` trains the copy with a plain CE; True: the evaluator trains it as the run's method
+    # trains a step (ciss.engine.calibration_training), and scores the method's decision logits.
+    trains_method: ClassVar[bool] = False
     version = 2  # version 1 scored the trained model's own pixels (now pcv_fit)
     # The old model's argmax labels the absent classes, as in `share`: at 0.7 too few are labelled
     # and gamma <= 0 wins (docs/calibration.md; benchmarks/results/ccp21_calibration_v2.md).
@@ -86,7 +91,7 @@ class PCV(PCVFit):
 
     def training_key(self) -> tuple[Any, ...]:
         """Calibrators with equal keys can share one re-trained copy."""
-        return (type(self).__name__, self.epochs, self.lr)
+        return (type(self).__name__, self.trains_method, self.epochs, self.lr)
 
     def held_out(self, index: int) -> bool:
         return held_out_image(index)
@@ -140,6 +145,17 @@ class PCV(PCVFit):
         """The re-trained copy's decision logits: the ones its softmax CE trained (extra outputs and
         the method's own decision rule left out). (B, num_seen, H, W)"""
         return out.logits[:, : ctx.num_seen].float()
+
+
+@dataclass
+class PCVMethod(PCV):
+    """PCV whose pseudo step is the run's method on the pseudo-fine-tuning half: its losses against
+    the old model, its hooks and phases, its state as the previous step left it. Plain PCV measures
+    the bias of fine-tuning and gives it to every method (on MiB, which has little, it costs points)."""
+
+    name = "pcv_method"
+    trains_method = True
+    version = 1
 
 
 @dataclass

@@ -1,10 +1,16 @@
 """The re-training a calibrator that declares `needs_training` asks for (the paper's pseudo
 cross-validation): a copy of the step's starting model trained on one part of the step's images,
+by the calibrator's own `tune` or, for one that `trains_method`, as the run's method trains a step;
 its logits on the other part streamed to the calibrators that share that training setup."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import copy
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -14,7 +20,9 @@ from ciss.config import RunConfig
 from ciss.engine.data import (DeviceLoader, batch_loader, eval_transform, ordered_loader, progress_batches,
                               train_transform)
 from ciss.engine.distributed import DistInfo, autocast_ctx
+from ciss.engine.loop import TrainingDiverged, train_phase
 from ciss.engine.seeding import derived_seed, seed_everything
+from ciss.methods import Method
 from ciss.models import inference_copy
 from ciss.scenario import Scenario, StepDataset
 from ciss.types import StepContext
@@ -30,12 +38,16 @@ def step_part(scenario: Scenario, step: int, transform: Any, held_out: Callable[
 
 def fit_retrained(group: dict[str, Any], start: nn.Module, old_logits: Callable[[torch.Tensor], torch.Tensor],
                   old_of: Callable[[str, torch.Tensor], torch.Tensor], ctx: StepContext, cfg: RunConfig,
-                  scenario: Scenario, device: torch.device, show: bool = False) -> None:
+                  scenario: Scenario, device: torch.device, show: bool = False,
+                  method: Optional[Method] = None, old_model: Optional[nn.Module] = None,
+                  method_state: Optional[dict[str, Any]] = None) -> None:
     """Train `start` (a copy the caller owns) on the images the first calibrator's `held_out`
-    rejects, with the step's augmentation, batch size and epochs (its `tune`), then stream the
-    held-out images at evaluation size to every calibrator of `group` (label -> calibrator, one
-    training setup) with the copy's logits and `old_of(label, old_logits(images))`. `ctx`: the
-    step's, with its number of epochs. Under torchrun every process trains the same copy, unwrapped."""
+    rejects, with the step's augmentation, batch size and epochs (its `tune`, or `pseudo_step` for
+    a calibrator that `trains_method`: `method`, `old_model` and `method_state`, the method's state
+    as the previous step left it, are then needed), then stream the held-out images at evaluation
+    size to every calibrator of `group` (label -> calibrator, one training setup) with the copy's
+    logits and `old_of(label, old_logits(images))`. `ctx`: the step's, with its number of epochs.
+    Under torchrun every process trains the same copy, unwrapped."""
     o = cfg.optim
     step = ctx.step
     lead = next(iter(group.values()))
@@ -45,23 +57,36 @@ def fit_retrained(group: dict[str, Any], start: nn.Module, old_logits: Callable[
         for c in group.values():
             c.info = {"skipped": f"{len(part)} images to fine-tune on, {len(held)} held out"}
         return
-    # every process trains the same copy on all of `part`: not sharded
-    loader = batch_loader(part, o.batch_size, True, cfg, DistInfo(), device)
-    g = loader.generator
+    if lead.trains_method:
+        if method is None or old_model is None or method_state is None:
+            raise ValueError(f"{lead.name} trains the run's method: give method, old_model and method_state")
+        method = pseudo_step(lead, start, old_model, method, method_state, part, ctx, cfg, scenario, device,
+                             show)
+        ctx = dataclasses.replace(ctx, epochs=method_ctx_epochs(lead, ctx))
 
-    def epoch_batches(epoch: int) -> DeviceLoader:  # its own random stream, apart from training's
-        s = derived_seed(cfg.seed, "calibration", lead.name, step, epoch)
-        seed_everything(s)
-        g.manual_seed(s)
-        return DeviceLoader(loader, device)
+        def decision(out: Any) -> torch.Tensor:
+            return method.eval_logits(out, ctx).float()  # type: ignore[union-attr]
+    else:
+        # every process trains the same copy on all of `part`: not sharded
+        loader = batch_loader(part, o.batch_size, True, cfg, DistInfo(), device)
+        g = loader.generator
 
-    lead.tune(start, epoch_batches, ctx, o, lambda: autocast_ctx(device, o.amp))
+        def epoch_batches(epoch: int) -> DeviceLoader:  # its own random stream, apart from training's
+            s = derived_seed(cfg.seed, "calibration", lead.name, step, epoch)
+            seed_everything(s)
+            g.manual_seed(s)
+            return DeviceLoader(loader, device)
+
+        lead.tune(start, epoch_batches, ctx, o, lambda: autocast_ctx(device, o.amp))
+
+        def decision(out: Any) -> torch.Tensor:
+            return lead.tuned_logits(out, ctx)
     net = inference_copy(start)
     held_loader = ordered_loader(held, cfg)
     for batch in progress_batches(held_loader, device, f"fit {', '.join(group)} step {step}", show):
         with autocast_ctx(device, o.amp):
             out = net(batch.image)
-        logits = lead.tuned_logits(out, ctx)
+        logits = decision(out)
         old = old_logits(batch.image)
         for k, c in group.items():
             c.update(logits, batch.label, old_of(k, old))
@@ -70,3 +95,45 @@ def fit_retrained(group: dict[str, Any], start: nn.Module, old_logits: Callable[
         c.info = dict(tuned)
         c.finish()
         c.info["held_out_images"] = len(held)
+
+
+def method_ctx_epochs(lead: Any, ctx: StepContext) -> int:
+    return ctx.epochs if lead.epochs is None else lead.epochs
+
+
+def pseudo_step(lead: Any, start: nn.Module, old_model: nn.Module, method: Method, method_state: dict[str, Any],
+                part: StepDataset, ctx: StepContext, cfg: RunConfig, scenario: Scenario, device: torch.device,
+                show: bool = False) -> Method:
+    """Train `start` in place on `part` as the run trains a step: a copy of `method` holding
+    `method_state`, its training data (memory included), `on_step_start`, every phase of the
+    engine's loop (losses against `old_model`, param groups, train mode), `on_step_end`; lr
+    `lead.lr` or the run's `lr_next`, epochs `lead.epochs` or the step's. Its random stream is its
+    own. Returns the method copy (its `eval_logits` decide). The run's method and models are not touched."""
+    o = cfg.optim
+    step = ctx.step
+    t0 = time.perf_counter()
+    m = copy.deepcopy(method)
+    m.load_state_dict(method_state)
+    seed = derived_seed(cfg.seed, "calibration", lead.name, step)
+    seed_everything(seed)
+    data, batch_sampler = m.train_data(part, scenario, step, part.transform, o.batch_size, seed, old_model)
+    loader = batch_loader(data, o.batch_size, True, cfg, DistInfo(), device, batch_sampler, m.name)
+    ctx = dataclasses.replace(ctx, epochs=method_ctx_epochs(lead, ctx), iters_per_epoch=len(loader))
+    lr = o.lr_next if lead.lr is None else lead.lr
+    dev_loader = DeviceLoader(loader, device)
+    losses: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp, torch.enable_grad():  # the evaluator runs without grad
+        m.on_step_start(start, old_model, dev_loader, ctx)
+        try:
+            for i, phase in enumerate(m.phases(ctx)):
+                train_phase(start, old_model, loader, ctx, phase, i, lr, None, method=m, optim=o, device=device,
+                            show_progress=show, last_ckpt=Path(tmp) / "none.pt", seed=seed,
+                            epoch_done=lambda _i, _p, _e, means, _o, _s: losses.append(means))
+        except TrainingDiverged as exc:
+            raise ValueError(f"{lead.name}: the pseudo step diverged ({exc}); give it a lower lr: "
+                             f"build_calibrator('{lead.name}', lr={lr / 10:g})") from None
+        m.on_step_end(start, old_model, dev_loader, ctx)
+    start.eval()
+    lead.info = {"tune_s": time.perf_counter() - t0, "tune_epochs": ctx.epochs, "tune_lr": lr, "tune_iterations": ctx.epochs * len(loader),
+                 "tune_images": len(data), "tune_losses": [l.get("loss") for l in losses]}
+    return m

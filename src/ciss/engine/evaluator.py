@@ -82,6 +82,8 @@ class StepEvaluator:
     dist: DistInfo
     context: Callable[[int, int, int], StepContext]  # (step, epochs, iterations per epoch)
     step_model: Callable[[int], nn.Module]  # a fresh model holding a step's checkpoint
+    # the method's state stored in a step's checkpoint (for a calibrator that trains the method)
+    step_method_state: Optional[Callable[[int], dict[str, Any]]] = None
 
     def _batches(self, step: int, train: bool, desc: str) -> Iterable[Batch]:
         loader = step_images(self.scenario, step, train, self.cfg, self.dist)
@@ -132,8 +134,13 @@ class StepEvaluator:
         o = self.cfg.optim
         tune_ctx = self.context(step, o.epochs if o.epochs_next is None else o.epochs_next, 0)
         for group in setups.values():
+            own = next(iter(group.values())).trains_method
+            if own and self.step_method_state is None:
+                raise ValueError(f"{', '.join(group)}: this evaluator cannot read the method's stored state")
             fit_retrained(group, self.step_start_model(old_model, step), raw_old_fn, old_of, tune_ctx,
-                          self.cfg, self.scenario, self.device, show=bool(self.cfg.progress and self.dist.main))
+                          self.cfg, self.scenario, self.device, show=bool(self.cfg.progress and self.dist.main),
+                          method=self.method if own else None, old_model=old_model if own else None,
+                          method_state=self.step_method_state(step - 1) if own else None)  # type: ignore[misc]
         for k, c in active.items():
             if c.reads_calibrated_old:
                 c.info["old_gamma"] = old_gamma[k]

@@ -107,7 +107,8 @@ class Experiment:
         self.run = RunDir(run_dir or Path(cfg.out_dir) / (cfg.name or default_run_name(cfg)))
         self.log = RunLog(show=self.dist.main and cfg.progress is not None)
         self.evaluator = StepEvaluator(cfg, self.train_scenario, self.num_base, self.method, self.device,
-                                       self.dist, self.context, self.load_step_model)
+                                       self.dist, self.context, self.load_step_model,
+                                       lambda step: load_checkpoint(self.run.step_ckpt(step)).get("method", {}))
 
     # -- what the steps are made of -----------------------------------------------------------
     def context(self, step: int, epochs: int, iters: int) -> StepContext:
