@@ -140,10 +140,14 @@ def _f(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def page(runs_dir: Path, reasons: dict[str, str]) -> str:
     runs = read_runs(runs_dir)
     lines = ["# The papers' claims on ccp21", "",
-             f"Runs: `{runs_dir.relative_to(ROOT) if runs_dir.is_relative_to(ROOT) else runs_dir}` "
+             f"Runs: `{_shown(runs_dir)}` "
              f"({sum(len(v) for v in runs.values())} finished). All-class mIoU (%) after the last step; "
              "the papers' figures are Pascal VOC's (ResNet-101, crop 512), ours ccp21's test split under "
              "the `cpu` recipe, so compare directions and gaps, not levels. Ours: mean over seeds "
@@ -176,7 +180,10 @@ def main() -> int:
         print(f"no run folder at {runs}: run the ccp21 v2 grid first (or pass --runs)", file=sys.stderr)
         return 2
     reasons = json.loads(Path(args.reasons).read_text()) if args.reasons else {}
-    Path(args.out).write_text(page(runs, reasons))
+    made = " ".join(["python benchmarks/ccp21_claims.py", f"--runs {_shown(runs)}",
+                     *([f"--reasons {_shown(Path(args.reasons).resolve())}"] if args.reasons else []),
+                     f"--out {_shown(Path(args.out).resolve())}"])
+    Path(args.out).write_text(page(runs, reasons) + f"\nMade with `{made}`.\n")
     print(f"wrote {args.out}")
     return 0
 
