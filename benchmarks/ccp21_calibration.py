@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import yaml
@@ -34,6 +35,42 @@ def pct(v) -> str:
 
 def three(r: dict) -> str:
     return f"{pct(r['miou_old'])} | {pct(r['miou_new'])} | {pct(r['miou_all'])}"
+
+
+def recovered(cal: float, raw: float, oracle: Optional[float]) -> Optional[float]:
+    """(calibrated - raw) / (oracle - raw): the share of the best single gamma's gain a fit takes;
+    None without an oracle or when the oracle gains nothing."""
+    if oracle is None or oracle - raw <= 1e-9:
+        return None
+    return (cal - raw) / (oracle - raw)
+
+
+def every_calibrator(rows: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: per method and step, raw, every stored calibrator's all-class mIoU (its gamma,
+    the share of the oracle's gain it recovers) and the oracle (the sweep's best)."""
+    names = list(dict.fromkeys(n for rs in rows.values() for r in rs for n in r.get("calibrated", {})))
+    lines = ["| method | step | raw | " + " | ".join(f"`{n}` (gamma, recovered)" for n in names) + " | oracle |",
+             "|---|---|---|" + "---|" * (len(names) + 1)]
+    for m, rs in rows.items():
+        for r in rs:
+            if not r.get("calibrated"):
+                continue
+            raw = 100 * r["miou_all"]
+            oracle = None
+            if "sweep" in r:
+                oracle = 100 * max(v for v in r["sweep"]["miou_all"] if v is not None and not math.isnan(v))
+            cells = []
+            for n in names:
+                c = r["calibrated"].get(n)
+                if c is None:
+                    cells.append("-")
+                    continue
+                rec = recovered(100 * c["miou_all"], raw, oracle)
+                cells.append(f"{100 * c['miou_all']:.2f} ({c['gamma']:.3g}"
+                             + (f", {100 * rec:.0f}%)" if rec is not None else ")"))
+            lines.append(f"| {m} | {r['step']} | {raw:.2f} | " + " | ".join(cells)
+                         + f" | {'-' if oracle is None else f'{oracle:.2f}'} |")
+    return lines
 
 
 def last_step_figures(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
@@ -136,6 +173,10 @@ def main() -> int:
             cells.append(pct(r["miou_all"]) if not c else
                          f"{pct(r['miou_all'])} / {pct(c[first]['miou_all'])} / {pct(c[second]['miou_all'])}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Every stored calibrator, every step (all classes, mIoU %)", "",
+              "Recovered = (calibrated - raw) / (oracle - raw), with the oracle the sweep's best gamma on "
+              "the test images (reported, never used to choose).", ""] + every_calibrator(rows)
 
     swept = {m: rs for m, rs in rows.items() if any("sweep" in r for r in rs)}
     if swept:

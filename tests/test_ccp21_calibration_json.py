@@ -38,3 +38,18 @@ def test_plot_tradeoff_reads_a_sweep_as_stored_in_posthoc_jsonl(tmp_path):
              "miou_s": [0.9, 0.85, 0.8, 0.5, 0.1], "miou_u": [0.0, 0.05, 0.1, 0.3, 0.4]}
     path = plot_tradeoff([("step 1", sweep)], tmp_path / "sweep.png", title="t")
     assert Path(path).stat().st_size > 0
+
+
+def test_every_calibrator_rows_give_each_fits_share_of_the_oracles_gain():
+    rows = {"mib": [
+        {"step": 0, "miou_all": 0.3},
+        {"step": 1, "miou_all": 0.20, "calibrated": {"share": {"miou_all": 0.25, "gamma": 1.0},
+                                                     "pcv": {"miou_all": 0.15, "gamma": 9.0}},
+         "sweep": {"miou_all": [0.1, 0.30, None]}},
+        {"step": 2, "miou_all": 0.20, "calibrated": {"share": {"miou_all": 0.20, "gamma": 0.0}}},
+    ]}
+    lines = load().every_calibrator(rows)
+    assert lines[0] == "| method | step | raw | `share` (gamma, recovered) | `pcv` (gamma, recovered) | oracle |"
+    assert lines[2] == "| mib | 1 | 20.00 | 25.00 (1, 50%) | 15.00 (9, -50%) | 30.00 |"
+    assert lines[3] == "| mib | 2 | 20.00 | 20.00 (0) | - | - |"  # no sweep: no share of a gain
+    assert load().recovered(12.0, 10.0, 10.0) is None  # an oracle that gains nothing
