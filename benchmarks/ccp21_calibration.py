@@ -45,6 +45,13 @@ def recovered(cal: float, raw: float, oracle: Optional[float]) -> Optional[float
     return (cal - raw) / (oracle - raw)
 
 
+def oracle_all(r: dict) -> Optional[float]:
+    """The sweep's best all-class mIoU (%) of a posthoc row; None without a sweep."""
+    if "sweep" not in r:
+        return None
+    return 100 * max(v for v in r["sweep"]["miou_all"] if v is not None and not math.isnan(v))
+
+
 def every_calibrator(rows: dict[str, list[dict]]) -> list[str]:
     """Markdown rows: per method and step, raw, every stored calibrator's all-class mIoU (its gamma,
     the share of the oracle's gain it recovers) and the oracle (the sweep's best)."""
@@ -56,9 +63,7 @@ def every_calibrator(rows: dict[str, list[dict]]) -> list[str]:
             if not r.get("calibrated"):
                 continue
             raw = 100 * r["miou_all"]
-            oracle = None
-            if "sweep" in r:
-                oracle = 100 * max(v for v in r["sweep"]["miou_all"] if v is not None and not math.isnan(v))
+            oracle = oracle_all(r)
             cells = []
             for n in names:
                 c = r["calibrated"].get(n)
@@ -82,7 +87,7 @@ def last_step_figures(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]
         fig.update({f"{name}_all": 100 * c["miou_all"] for name, c in r.get("calibrated", {}).items()})
         fig.update({f"{name}_gamma": c["gamma"] for name, c in r.get("calibrated", {}).items()})
         if "sweep" in r:
-            fig["oracle_all"] = 100 * max(v for v in r["sweep"]["miou_all"] if v is not None and not math.isnan(v))
+            fig["oracle_all"] = oracle_all(r)
         out[m] = {k: round(v, 4) for k, v in fig.items()}
     return out
 

@@ -24,8 +24,8 @@ runs from any directory; `out_dir` stays relative to where `ciss bench` runs.
 
 A finished run found under its name is not run again; if grid.jsonl has no rows for it yet (a run
 made by `ciss train` under that name, or an earlier grid), they are written from its results, marked
-`"recorded": "found"`. `ciss bench GRID --status` lists what remains; `--only PATTERN` keeps the runs whose names match a
-shell pattern (e.g. `'*-plop*'`; repeatable); `--jobs N` runs N points at once;
+`"recorded": "found"`. `ciss bench GRID --status` lists what remains; `--only PATTERN` keeps the runs
+whose names match a shell pattern (e.g. `'*-plop*'`; repeatable); `--jobs N` runs N points at once;
 `--executor slurm` submits one job per point instead (ciss.cluster; options in an optional `slurm:`
 section), whose runs `--status` (or `--wait`) records once they have finished.
 """

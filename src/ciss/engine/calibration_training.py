@@ -60,9 +60,9 @@ def fit_retrained(group: dict[str, Any], start: nn.Module, old_logits: Callable[
     if lead.trains_method:
         if method is None or old_model is None or method_state is None:
             raise ValueError(f"{lead.name} trains the run's method: give method, old_model and method_state")
+        ctx = dataclasses.replace(ctx, epochs=ctx.epochs if lead.epochs is None else lead.epochs)
         method = pseudo_step(lead, start, old_model, method, method_state, part, ctx, cfg, scenario, device,
                              show)
-        ctx = dataclasses.replace(ctx, epochs=method_ctx_epochs(lead, ctx))
 
         def decision(out: Any) -> torch.Tensor:
             return method.eval_logits(out, ctx).float()  # type: ignore[union-attr]
@@ -97,18 +97,13 @@ def fit_retrained(group: dict[str, Any], start: nn.Module, old_logits: Callable[
         c.info["held_out_images"] = len(held)
 
 
-def method_ctx_epochs(lead: Any, ctx: StepContext) -> int:
-    return ctx.epochs if lead.epochs is None else lead.epochs
-
-
 def pseudo_step(lead: Any, start: nn.Module, old_model: nn.Module, method: Method, method_state: dict[str, Any],
                 part: StepDataset, ctx: StepContext, cfg: RunConfig, scenario: Scenario, device: torch.device,
                 show: bool = False) -> Method:
     """Train `start` in place on `part` as the run trains a step: a copy of `method` holding
     `method_state`, its training data (memory included), `on_step_start`, every phase of the
     engine's loop (losses against `old_model`, param groups, train mode), `on_step_end`; lr
-    `lead.lr` or the run's `lr_next`, epochs `lead.epochs` or the step's. Its random stream is its
-    own. Returns the method copy (its `eval_logits` decide). The run's method and models are not touched."""
+    `lead.lr` or the run's `lr_next`, `ctx.epochs` epochs. Its random stream is its own. Returns the method copy (its `eval_logits` decide). The run's method and models are not touched."""
     o = cfg.optim
     step = ctx.step
     t0 = time.perf_counter()
@@ -118,7 +113,7 @@ def pseudo_step(lead: Any, start: nn.Module, old_model: nn.Module, method: Metho
     seed_everything(seed)
     data, batch_sampler = m.train_data(part, scenario, step, part.transform, o.batch_size, seed, old_model)
     loader = batch_loader(data, o.batch_size, True, cfg, DistInfo(), device, batch_sampler, m.name)
-    ctx = dataclasses.replace(ctx, epochs=method_ctx_epochs(lead, ctx), iters_per_epoch=len(loader))
+    ctx = dataclasses.replace(ctx, iters_per_epoch=len(loader))
     lr = o.lr_next if lead.lr is None else lead.lr
     dev_loader = DeviceLoader(loader, device)
     losses: list[dict[str, float]] = []
@@ -134,6 +129,7 @@ def pseudo_step(lead: Any, start: nn.Module, old_model: nn.Module, method: Metho
                              f"build_calibrator('{lead.name}', lr={lr / 10:g})") from None
         m.on_step_end(start, old_model, dev_loader, ctx)
     start.eval()
-    lead.info = {"tune_s": time.perf_counter() - t0, "tune_epochs": ctx.epochs, "tune_lr": lr, "tune_iterations": ctx.epochs * len(loader),
-                 "tune_images": len(data), "tune_losses": [l.get("loss") for l in losses]}
+    lead.info = {"tune_s": time.perf_counter() - t0, "tune_epochs": ctx.epochs, "tune_lr": lr,
+                 "tune_iterations": ctx.epochs * len(loader), "tune_images": len(data),
+                 "tune_losses": [l.get("loss") for l in losses]}
     return m
