@@ -105,7 +105,7 @@ def main() -> int:
                     help="the two calibrators tabulated, comma-separated (ccp21_15-1_calibration.md: alg_all,pcv_fit)")
     ap.add_argument("--notes", help="Markdown file appended to the page (findings written by hand)")
     ap.add_argument("--json", help="also write, per method, raw_all, oracle_all (with the sweep) and <calibrator>_all "
-                                   "after the last step, in % (benchmarks/results/ccp21_calibration.json)")
+                                   "after the last step, in percent (benchmarks/results/ccp21_calibration.json)")
     args = ap.parse_args()
     pair = [n.strip() for n in args.pair.split(",") if n.strip()]
     if len(pair) != 2:

@@ -1,7 +1,10 @@
 """benchmarks/ccp21_calibration.py --json: the last step's raw, calibrated and oracle figures."""
 
 import importlib.util
+import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ccp21_calibration.py"
 
@@ -53,3 +56,12 @@ def test_every_calibrator_rows_give_each_fits_share_of_the_oracles_gain():
     assert lines[2] == "| mib | 1 | 20.00 | 25.00 (1, 50%) | 15.00 (9, -50%) | 30.00 |"
     assert lines[3] == "| mib | 2 | 20.00 | 20.00 (0) | - | - |"  # no sweep: no share of a gain
     assert load().recovered(12.0, 10.0, 10.0) is None  # an oracle that gains nothing
+
+
+def test_help_prints(capsys, monkeypatch):
+    module = load()
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--help"])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    assert stop.value.code == 0
+    assert "--json" in capsys.readouterr().out
