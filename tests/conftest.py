@@ -10,7 +10,10 @@ if "CISS_CACHE" not in os.environ:  # tests never write into the user's cache
 
     os.environ["CISS_CACHE"] = tempfile.mkdtemp(prefix="ciss-test-cache-")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ import torch
 from ciss.config import RunConfig, load_config
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 torch.set_num_threads(2)
 
@@ -37,6 +41,15 @@ def tiny_config(tmp_path: Path, *overrides: str) -> RunConfig:
         "tensorboard=false",
         *overrides,
     ], recipe="tiny")
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py imported as module `name` (registered, so its dataclasses resolve)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -165,8 +165,6 @@ def _model_tensors(path):
 
 
 def test_training_with_calibration_records_raw_and_calibrated_figures(tiny_cfg):
-    import json
-
     from ciss.engine import train
 
     res = train(tiny_cfg("calibration=alg,pcv,share,sweep"))
@@ -189,8 +187,6 @@ def test_training_with_calibration_records_raw_and_calibrated_figures(tiny_cfg):
 
 
 def test_posthoc_eval_fits_stores_and_never_touches_weights(tiny_cfg):
-    import json
-
     from ciss.engine import train
     from ciss.evaluation import evaluate_run
 

@@ -1,19 +1,17 @@
 """benchmarks/ccp21_calibration.py --json: the last step's raw, calibrated and oracle figures."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ccp21_calibration.py"
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("ccp21_calibration", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ccp21_calibration")
 
 
 def test_last_step_figures_reads_the_last_row_and_the_sweeps_best():

@@ -1,23 +1,18 @@
 """benchmarks/ccp21_claims.py: run names to claims, seeds to spreads, gaps to verdicts."""
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ccp21_claims.py"
+from conftest import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def claims():
-    spec = importlib.util.spec_from_file_location("ccp21_claims", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ccp21_claims"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ccp21_claims")
 
 
 def write_run(root: Path, name: str, miou_all: float) -> None:

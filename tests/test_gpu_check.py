@@ -1,6 +1,5 @@
 """benchmarks/gpu_check.sh: refuses clearly without CUDA; its Python parts run at toy size on a CPU."""
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -9,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu_check")
 
 
 def test_the_script_parses_and_needs_cuda(tmp_path):

@@ -1,23 +1,17 @@
 """benchmarks/grid_cost.py: the training work of a grid, counted from its scenarios before it runs."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import yaml
 
 from ciss.data import build_dataset
 from ciss.scenario import build_scenario
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "grid_cost.py"
 
 
 @pytest.fixture(scope="module")
 def grid_cost():
-    spec = importlib.util.spec_from_file_location("grid_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("grid_cost")
 
 
 OPTIONS = {"num_classes": 6, "size": 32, "length": 24}

@@ -10,7 +10,7 @@ from torch import nn
 
 from ciss.losses import plop_uncertainty, prediction_entropy, soft_relation_distillation
 from ciss.methods import build_method
-from ciss.types import IGNORE, Batch, SegOutput, StepContext
+from ciss.types import IGNORE, Batch, SegOutput
 from test_method_gsc import CTX, prepared
 
 

@@ -1,8 +1,5 @@
 """benchmarks/pseudo_label_probe.py counts exactly the targets PLOP's own make_targets gives."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,17 +10,13 @@ from ciss.losses import plop_uncertainty
 from ciss.results import load_checkpoint
 from ciss.scenario.step_dataset import StepDataset
 from ciss.types import BACKGROUND, IGNORE
-from conftest import tiny_config
+from conftest import load_benchmark, tiny_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pseudo_label_probe.py"
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("pseudo_label_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pseudo_label_probe")
 
 
 def median_uncertainty(exp, run) -> float:

@@ -16,7 +16,7 @@ from ciss.data.image_cache import ResizeCache
 from ciss.data.transforms import EvalTransform, Resized, TrainTransform
 from ciss.engine import Experiment, size_batches
 from ciss.metrics import predicted_labels
-from ciss.models import add_parallel_branches, build_segmenter, freeze_early, inference_copy
+from ciss.models import build_segmenter, freeze_early, inference_copy
 from ciss.scenario import StepDataset
 
 from test_data_folder import write_folder
