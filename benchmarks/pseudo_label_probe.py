@@ -100,7 +100,8 @@ def main() -> None:
                 right_a = sum(ac[k, k] for k in cls)
                 other = "-"
                 wrong_old = n - right_a - int(ac[1:, BACKGROUND].sum())
-                largest = f"another old class {100 * wrong_old / n:.1f}, background {100 * ac[1:, BACKGROUND].sum() / n:.1f}"
+                largest = (f"another old class {100 * wrong_old / n:.1f}, "
+                           f"background {100 * ac[1:, BACKGROUND].sum() / n:.1f}")
             else:
                 n = int(p.sum())
                 right_p, bg_p, ign = p[c], p[BACKGROUND], p[-1]

@@ -285,3 +285,34 @@ def test_pcv_method_trains_a_copy_as_the_runs_method_does_from_its_stored_state(
     calls.clear()
     exp.evaluator.fit_calibrators(trained, old, 1, ["pcv"])
     assert calls == []
+
+
+def test_pcv_method_composes_a_memory_methods_batches_with_the_runs_seed(tiny_cfg):
+    """SSUL-M's pseudo step mixes its memory into the batches as the run does; the sampler and
+    the memory take the run's seed (a derived 63-bit seed is out of NumPy's range)."""
+    from ciss.engine import Experiment, train
+
+    cfg = tiny_cfg("method=ssul_m", "method_args={memory_size: 4}", "seed=3")
+    res = train(cfg)
+    exp = Experiment(cfg, res.run_dir)
+    old, trained = exp.load_step_model(0), exp.load_step_model(1)
+    cal = exp.evaluator.fit_calibrators(trained, old, 1, ["pcv_method"])["pcv_method"]
+    assert math.isfinite(cal.gamma)
+    images = exp.scenario.train_indices(1)
+    # the memory's images come on top of the pseudo-fine-tuning part of the step's own images
+    assert cal.info["tune_images"] == len(images) - cal.info["held_out_images"] + 4
+
+
+def test_pcv_method_trains_ssul_on_its_pseudo_fine_tuning_part_only(tiny_cfg):
+    """SSUL builds its unknown-marked data from the images it is given, so the pseudo step never
+    trains on the held-out half that chooses gamma."""
+    from ciss.engine import Experiment, train
+
+    cfg = tiny_cfg("method=ssul")
+    res = train(cfg)
+    exp = Experiment(cfg, res.run_dir)
+    old, trained = exp.load_step_model(0), exp.load_step_model(1)
+    cal = exp.evaluator.fit_calibrators(trained, old, 1, ["pcv_method"])["pcv_method"]
+    images = exp.scenario.train_indices(1)
+    assert 0 < cal.info["held_out_images"] < len(images)
+    assert cal.info["tune_images"] == len(images) - cal.info["held_out_images"]

@@ -218,7 +218,7 @@ def test_train_data_marks_salient_background(small_scenario, tmp_path, monkeypat
         Image.fromarray(left).save(folder / f"{scn.train_data.ids[i]}.png")
     monkeypatch.setattr(ciss.saliency, "detect", _no_detector)
     method = build_method("ssul", saliency_dir=str(folder), cache_dir=str(tmp_path / "c"))
-    data, sampler = method.train_data(None, scn, step, EvalTransform(None), 4, 0)
+    data, sampler = method.train_data(scn.train_dataset(step), scn, step, EvalTransform(None), 4, 0)
     assert sampler is None and len(data) == len(scn.train_indices(step))
     for k in range(len(data)):
         _, lbl, i = data[k]
@@ -231,7 +231,7 @@ def test_train_data_marks_salient_background(small_scenario, tmp_path, monkeypat
 def test_densely_labelled_data_takes_unknown_from_unlabelled_pixels(small_scenario, monkeypatch):
     scn = dataclasses.replace(small_scenario, background_is_void=True)  # ADE-like
     monkeypatch.setattr(ciss.saliency, "detect", _no_detector)
-    data, _ = build_method("ssul").train_data(None, scn, 1, EvalTransform(None), 4, 0)
+    data, _ = build_method("ssul").train_data(scn.train_dataset(1), scn, 1, EvalTransform(None), 4, 0)
     _, lbl, i = data[0]
     plain = scn.train_lut(1)[scn.train_data.load_mask(i)]
     assert torch.equal(lbl == UNKNOWN_MARK, torch.from_numpy(plain == BACKGROUND))
@@ -271,11 +271,11 @@ def constant_model(scenario, step, winner):
 
 def test_batches_are_half_memory(scenario):
     method = ssul_m()
-    data0, sampler0 = method.train_data(None, scenario, 0, EvalTransform(None), 8, 0)
+    data0, sampler0 = method.train_data(scenario.train_dataset(0), scenario, 0, EvalTransform(None), 8, 0)
     assert sampler0 is None and method.state_dict() == {}  # no memory at step 0
     with pytest.raises(ValueError, match="previous step's model"):
-        ssul_m().train_data(None, scenario, 2, EvalTransform(None), 8, 0)
-    data, sampler = method.train_data(None, scenario, 2, EvalTransform(None), 8, 0,
+        ssul_m().train_data(scenario.train_dataset(2), scenario, 2, EvalTransform(None), 8, 0)
+    data, sampler = method.train_data(scenario.train_dataset(2), scenario, 2, EvalTransform(None), 8, 0,
                                       constant_model(scenario, 1, BACKGROUND))
     n_cur = len(scenario.train_indices(2))
     assert len(data) == n_cur + 10 and method.memory_step == 1
@@ -321,24 +321,26 @@ def test_memory_reads_only_step_labels_and_pseudo_labels(scenario):
 def test_memory_state_round_trips(scenario):
     prev = constant_model(scenario, 1, BACKGROUND)
     a = ssul_m()
-    a.train_data(None, scenario, 2, EvalTransform(None), 8, 0, prev)
+    a.train_data(scenario.train_dataset(2), scenario, 2, EvalTransform(None), 8, 0, prev)
     state = a.state_dict()
     json.dumps(state)  # plain data only
     b = ssul_m()
     b.load_state_dict(state)
     assert b.memory.indices.tolist() == a.memory.indices.tolist() and b.memory_step == 1
-    b.train_data(None, scenario, 2, EvalTransform(None), 8, 0, prev)  # already up to date: unchanged
+    # already up to date: unchanged
+    b.train_data(scenario.train_dataset(2), scenario, 2, EvalTransform(None), 8, 0, prev)
     assert b.memory.indices.tolist() == a.memory.indices.tolist()
     c = ssul_m()  # refilled step by step, as after each step
-    c.train_data(None, scenario, 1, EvalTransform(None), 8, 0, constant_model(scenario, 0, BACKGROUND))
-    c.train_data(None, scenario, 2, EvalTransform(None), 8, 0, prev)
+    c.train_data(scenario.train_dataset(1), scenario, 1, EvalTransform(None), 8, 0,
+                 constant_model(scenario, 0, BACKGROUND))
+    c.train_data(scenario.train_dataset(2), scenario, 2, EvalTransform(None), 8, 0, prev)
     assert c.state_dict() == state
     c.load_state_dict({})  # a step-0 checkpoint: no memory yet
     assert c.memory is None and c.state_dict() == {}
     with pytest.raises(ValueError, match="unknown state keys"):
         c.load_state_dict({"thresholds": []})
     r = ssul_m(memory_sampling="random")
-    r.train_data(None, scenario, 2, EvalTransform(None), 8, 0, prev)
+    r.train_data(scenario.train_dataset(2), scenario, 2, EvalTransform(None), 8, 0, prev)
     assert len(r.memory) == 10 and r.state_dict()["memory"]["sampling"] == "random"
     with pytest.raises(ValueError, match="memory_sampling"):
         ssul_m(memory_sampling="herding")

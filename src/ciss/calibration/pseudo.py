@@ -155,7 +155,7 @@ class PCVMethod(PCV):
 
     name = "pcv_method"
     trains_method = True
-    version = 1
+    version = 2  # version 1 trained SSUL's pseudo step on all the step's images, held-out half included
 
 
 @dataclass

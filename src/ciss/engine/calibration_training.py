@@ -103,7 +103,8 @@ def pseudo_step(lead: Any, start: nn.Module, old_model: nn.Module, method: Metho
     """Train `start` in place on `part` as the run trains a step: a copy of `method` holding
     `method_state`, its training data (memory included), `on_step_start`, every phase of the
     engine's loop (losses against `old_model`, param groups, train mode), `on_step_end`; lr
-    `lead.lr` or the run's `lr_next`, `ctx.epochs` epochs. Its random stream is its own. Returns the method copy (its `eval_logits` decide). The run's method and models are not touched."""
+    `lead.lr` or the run's `lr_next`, `ctx.epochs` epochs. Its random stream is its own. Returns
+    the method copy (its `eval_logits` decide). The run's method and models are not touched."""
     o = cfg.optim
     step = ctx.step
     t0 = time.perf_counter()
@@ -111,7 +112,9 @@ def pseudo_step(lead: Any, start: nn.Module, old_model: nn.Module, method: Metho
     m.load_state_dict(method_state)
     seed = derived_seed(cfg.seed, "calibration", lead.name, step)
     seed_everything(seed)
-    data, batch_sampler = m.train_data(part, scenario, step, part.transform, o.batch_size, seed, old_model)
+    # the data as the run composes it (a memory and its batch mixing take the run's seed); the loop
+    # below draws from the pseudo step's own stream
+    data, batch_sampler = m.train_data(part, scenario, step, part.transform, o.batch_size, cfg.seed, old_model)
     loader = batch_loader(data, o.batch_size, True, cfg, DistInfo(), device, batch_sampler, m.name)
     ctx = dataclasses.replace(ctx, iters_per_epoch=len(loader))
     lr = o.lr_next if lead.lr is None else lead.lr

@@ -163,8 +163,10 @@ class SSUL(Method):
     def train_data(self, data: Dataset, scenario: Scenario, step: int, transform: Callable,
                    batch_size: int, seed: int, old_model: Optional[nn.Module] = None
                    ) -> tuple[Dataset, Optional[Sampler]]:
-        return self.marked_dataset(scenario, scenario.train_indices(step),
-                                   scenario.train_lut(step), transform), None
+        # the images and labels `data` holds (the step's, or a calibrator's part of them), unknown marked
+        if not isinstance(data, StepDataset):
+            raise TypeError(f"SSUL marks the unknown on a StepDataset's images, got {type(data).__name__}")
+        return self.marked_dataset(scenario, data.indices, data.lut, transform), None
 
     def marked_dataset(self, scenario: Scenario, indices: np.ndarray, lut: np.ndarray,
                        transform: Callable) -> Dataset:
