@@ -316,3 +316,16 @@ def test_pcv_method_trains_ssul_on_its_pseudo_fine_tuning_part_only(tiny_cfg):
     images = exp.scenario.train_indices(1)
     assert 0 < cal.info["held_out_images"] < len(images)
     assert cal.info["tune_images"] == len(images) - cal.info["held_out_images"]
+
+
+def test_pcv_method_after_the_run_is_evaluated_step_by_step(tiny_cfg):
+    """`ciss eval --calibration pcv_method` loads each step's method state into the run's method
+    before fitting; the pseudo step must start from the previous step's state alone (NeST's
+    generated step, left at the later step, skipped its matrices)."""
+    from ciss.engine import train
+    from ciss.evaluation import evaluate_run
+
+    cfg = tiny_cfg("method=nest_mib", "method_args={pretune_epochs: 1}")
+    res = train(cfg)
+    text = evaluate_run(res.run_dir, calibration=["pcv_method"])
+    assert "+pcv_method" in text

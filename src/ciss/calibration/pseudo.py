@@ -155,7 +155,9 @@ class PCVMethod(PCV):
 
     name = "pcv_method"
     trains_method = True
-    version = 2  # version 1 trained SSUL's pseudo step on all the step's images, held-out half included
+    # version 1 trained SSUL on all the step's images (held-out half included) and kept state a later
+    # step had loaded into the method (PLOP's step-1 thresholds, NeST's generated step)
+    version = 2
 
 
 @dataclass

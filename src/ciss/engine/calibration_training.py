@@ -5,7 +5,6 @@ its logits on the other part streamed to the calibrators that share that trainin
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 import time
@@ -22,7 +21,7 @@ from ciss.engine.data import (DeviceLoader, batch_loader, eval_transform, ordere
 from ciss.engine.distributed import DistInfo, autocast_ctx
 from ciss.engine.loop import TrainingDiverged, train_phase
 from ciss.engine.seeding import derived_seed, seed_everything
-from ciss.methods import Method
+from ciss.methods import Method, build_method
 from ciss.models import inference_copy
 from ciss.scenario import Scenario, StepDataset
 from ciss.types import StepContext
@@ -108,7 +107,11 @@ def pseudo_step(lead: Any, start: nn.Module, old_model: nn.Module, method: Metho
     o = cfg.optim
     step = ctx.step
     t0 = time.perf_counter()
-    m = copy.deepcopy(method)
+    # a fresh method of the run's configuration: a copy of `method` would keep, wherever
+    # `method_state` has no key (a step-0 checkpoint holds none), what a later step loaded into it
+    m = build_method(cfg.method, **cfg.method_args)
+    if type(m) is not type(method):
+        raise ValueError(f"{lead.name}: the run's method is {cfg.method}, got a {type(method).__name__}")
     m.load_state_dict(method_state)
     seed = derived_seed(cfg.seed, "calibration", lead.name, step)
     seed_everything(seed)
