@@ -37,7 +37,9 @@ def command(method: str, task: str, setting: str, runs: Path, extra: list[str],
     ]
 
 
-RECORD_FILES = ("config.yaml", "meta.json", "summary.json", "results.jsonl", "losses.jsonl", "table.txt")
+# posthoc.jsonl (`ciss eval --calibration`) is kept too: benchmarks/ccp21_calibration.py reuses its rows.
+RECORD_FILES = ("config.yaml", "meta.json", "summary.json", "results.jsonl", "losses.jsonl", "table.txt",
+                "posthoc.jsonl")
 
 
 def keep(runs: Path, records: Path, names: list[str]) -> None:
