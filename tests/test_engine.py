@@ -44,6 +44,9 @@ def test_two_step_run_writes_results_and_checkpoints(tiny_cfg):
     state = load_checkpoint(res.run_dir / "ckpt" / "step-1.pt")
     assert state["model_config"]["classes_per_step"] == [5, 2]
     assert (res.run_dir / "config.yaml").is_file() and (res.run_dir / "meta.json").is_file()
+    meta = json.loads((res.run_dir / "meta.json").read_text())  # what a bit-identical retrain needs
+    assert meta["threads"] == torch.get_num_threads()
+    assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     losses = [json.loads(l) for l in (res.run_dir / "losses.jsonl").read_text().splitlines()]
     assert {r["step"] for r in losses} == {0, 1} and all("ce" in r for r in losses)
     summary = json.loads((res.run_dir / "summary.json").read_text())

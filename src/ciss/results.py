@@ -176,6 +176,10 @@ class RunDir:
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "platform": platform.platform(),
+            # CPU float sums depend on both: a step retrained at another thread count or instruction set
+            # differs in its last bits from the first epoch on (bit-identical needs the same pair).
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "argv": sys.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
