@@ -51,6 +51,10 @@ def keep(runs: Path, records: Path, names: list[str]) -> None:
         for f in RECORD_FILES:
             if (runs / name / f).is_file():
                 (records / name / f).write_bytes((runs / name / f).read_bytes())
+        if (records / name / "posthoc.jsonl").is_file():  # each evaluation appends: the last row per step
+            lines = (records / name / "posthoc.jsonl").read_text().splitlines()
+            last = {json.loads(line)["step"]: line for line in lines if line.strip()}
+            (records / name / "posthoc.jsonl").write_text("".join(last[t] + "\n" for t in sorted(last)))
 
 
 def label(method: str, memory: set[str]) -> str:
