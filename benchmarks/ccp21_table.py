@@ -49,12 +49,14 @@ def keep(runs: Path, records: Path, names: list[str]) -> None:
             continue
         (records / name).mkdir(parents=True, exist_ok=True)
         for f in RECORD_FILES:
-            if (runs / name / f).is_file():
-                (records / name / f).write_bytes((runs / name / f).read_bytes())
-        if (records / name / "posthoc.jsonl").is_file():  # each evaluation appends: the last row per step
-            lines = (records / name / "posthoc.jsonl").read_text().splitlines()
-            last = {json.loads(line)["step"]: line for line in lines if line.strip()}
-            (records / name / "posthoc.jsonl").write_text("".join(last[t] + "\n" for t in sorted(last)))
+            src, dst = runs / name / f, records / name / f
+            if not src.is_file():
+                continue
+            if f == "posthoc.jsonl":  # each evaluation appends its rows: keep the last one of each step
+                last = {json.loads(line)["step"]: line for line in src.read_text().splitlines() if line.strip()}
+                dst.write_text("".join(last[t] + "\n" for t in sorted(last)))
+            else:
+                dst.write_bytes(src.read_bytes())
 
 
 def label(method: str, memory: set[str]) -> str:

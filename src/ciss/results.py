@@ -176,8 +176,8 @@ class RunDir:
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "platform": platform.platform(),
-            # CPU float sums depend on both: a step retrained at another thread count or instruction set
-            # differs in its last bits from the first epoch on (bit-identical needs the same pair).
+            # CPU float sums depend on both: a step retrained at another thread count (measured) or
+            # instruction set can differ in its last bits from the first epoch on.
             "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "argv": sys.argv,
