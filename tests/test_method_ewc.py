@@ -36,7 +36,7 @@ def test_defaults_and_base_step():
     ewc = build_method("ewc")
     assert (ewc.reg_importance, ewc.reg_alpha, ewc.normalize) == (100.0, 0.9, True)
     assert not ewc.needs_old_model
-    assert ewc.base_step_key() != "ce"  # its step-0 checkpoint carries the Fisher
+    assert ewc.base_step_key() == "ce" and ewc.step_end_from_model()  # the Fisher: from the model
 
 
 def test_fisher_is_mean_squared_gradient_and_keeps_bn_statistics():

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-def _command(out: Path, name: str, cache: Path, method: str = "mib") -> list[str]:
-    sets = ["data.dataset=synthetic", "data.task=4-1", "data.options={num_classes: 6, size: 32, length: 32}",
+def _command(out: Path, name: str, cache: Path, method: str = "mib", *extra: str) -> list[str]:
+    sets = [*extra, "data.dataset=synthetic", "data.task=4-1", "data.options={num_classes: 6, size: 32, length: 32}",
             "data.crop_size=32", "optim.epochs=2", "optim.epochs_next=2", "optim.batch_size=8",
             f"method={method}", f"out_dir={out}", f"cache_dir={cache}", f"name={name}",
             "progress=false", "tensorboard=false", "device=cpu"]
@@ -136,3 +136,29 @@ def test_a_run_whose_step_0_came_from_the_cache_is_bit_identical(reference):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reusing the base-step checkpoint" in done.stdout
     _assert_identical(ref, tmp / "runs" / "cached", losses_from_step=1)  # step 0 was not trained
+
+
+def test_ewc_reuses_the_plain_step_0_and_ends_as_if_it_had_trained_it(reference):
+    tmp, _ = reference
+    ewc = ("method_args.reg_importance=10",)
+    runs = {}
+    for name, cache in (("ewc-trained", "cache-ewc"), ("ewc-reused", "cache-ref")):  # cache-ref: MiB's
+        done = subprocess.run(_command(tmp / "runs", name, tmp / cache, "ewc", *ewc), env=ENV,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = done.stdout
+    assert "reusing the base-step checkpoint" in runs["ewc-reused"]
+    assert "reusing the base-step checkpoint" not in runs["ewc-trained"]
+    # the Fisher estimated on the loaded step 0 is the one estimated right after training it
+    trained, reused = (load_checkpoint(tmp / "runs" / n / "ckpt" / "step-0.pt")["method"]
+                       for n in ("ewc-trained", "ewc-reused"))
+    assert trained["fisher"].keys() == reused["fisher"].keys()
+    assert all(torch.equal(trained["fisher"][k], reused["fisher"][k]) for k in trained["fisher"])
+    _assert_identical(tmp / "runs" / "ewc-trained", tmp / "runs" / "ewc-reused", losses_from_step=1)
+    # the step 0 EWC trained is shared as a plain one: FT loads it
+    (shared,) = (tmp / "cache-ewc" / "base").glob("*.pt")
+    assert load_checkpoint(shared)["method"] == {}
+    done = subprocess.run(_command(tmp / "runs", "ft", tmp / "cache-ewc", "ft"), env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reusing the base-step checkpoint" in done.stdout

@@ -44,3 +44,13 @@ def seed_epoch(seed: int, step: int, phase: int, epoch: int, loader: DataLoader)
         set_epoch = getattr(sampler, "set_epoch", None)
         if callable(set_epoch):  # DistributedSampler, the half-memory batch sampler
             set_epoch(phase * 100_000 + epoch)
+
+
+# The pass over a step's data after its training (on_step_end, e.g. EWC's Fisher) is seeded as an
+# epoch of a phase past every real one, whether the step was trained or loaded from the shared cache.
+AFTER_TRAINING = 10_000
+
+
+def seed_after_training(seed: int, step: int, loader: DataLoader) -> None:
+    """The state in which on_step_end reads the step's data."""
+    seed_epoch(seed, step, AFTER_TRAINING, 0, loader)

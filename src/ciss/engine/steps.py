@@ -32,7 +32,7 @@ from ciss.engine.distributed import init_distributed, rank_device, unwrap, wrap_
 from ciss.engine.evaluator import StepEvaluator
 from ciss.engine.log import RunLog
 from ciss.engine.loop import train_phase
-from ciss.engine.seeding import seed_everything, seed_step
+from ciss.engine.seeding import seed_after_training, seed_everything, seed_step
 from ciss.methods import Method, Phase, build_method
 from ciss.metrics import StepMetrics, forgetting, format_table
 from ciss.models import build_segmenter, freeze_early
@@ -306,6 +306,9 @@ class Experiment:
             if base_path is not None and base_path.is_file() and partial is None:
                 self.load_into(core, load_checkpoint(base_path))
                 self.log.print(f"step 0: reusing the base-step checkpoint {base_path}")
+                if self.method.step_end_from_model():  # what the shared checkpoint does not store
+                    seed_after_training(cfg.seed, step, loader)
+                    self.method.on_step_end(core, old_model, DeviceLoader(loader, self.device), ctx)
             else:
                 dev_loader = DeviceLoader(loader, self.device)
                 seed_step(cfg.seed, step, "train")  # resumed or not, the same draws from here on
@@ -316,9 +319,13 @@ class Experiment:
                         continue
                     self.train_phase(train_model, old_model, loader, ctx, phase, i, lr, partial)
                     partial = None
+                seed_after_training(cfg.seed, step, loader)
                 self.method.on_step_end(core, old_model, dev_loader, ctx)
                 if base_path is not None and self.dist.main:
-                    save_checkpoint(base_path, checkpoint_state(core, 0, self.method))
+                    shared = checkpoint_state(core, 0, self.method)
+                    if self.method.step_end_from_model():  # shared with methods that keep no state
+                        shared["method"] = {}
+                    save_checkpoint(base_path, shared)
         if self.dist.main:
             save_checkpoint(self.run.step_ckpt(step), checkpoint_state(core, step, self.method))
             self.run.last_ckpt.unlink(missing_ok=True)

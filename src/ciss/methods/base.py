@@ -45,6 +45,12 @@ class Method:
         """Identifies how step 0 is trained; methods with equal keys share step-0 checkpoints."""
         return "ce"
 
+    def step_end_from_model(self) -> bool:
+        """True when what on_step_end keeps is a function of the trained model and the step's data
+        alone (EWC's Fisher): a shared step-0 checkpoint then stores none of it, and a run that
+        loads one reruns on_step_end on it."""
+        return False
+
     def num_extra_outputs(self) -> int:
         """Outputs appended after the real classes (e.g. an 'unknown' logit)."""
         return 0
@@ -158,6 +164,9 @@ class Wrapper(Method):
 
     def base_step_key(self) -> str:
         return self.base.base_step_key()
+
+    def step_end_from_model(self) -> bool:
+        return self.base.step_end_from_model()
 
     def num_extra_outputs(self) -> int:
         return self.base.num_extra_outputs()

@@ -82,10 +82,10 @@ class EWC(Method):
     _importance: Optional[dict[str, torch.Tensor]] = field(default=None, init=False, repr=False,
                                                            compare=False)
 
-    def base_step_key(self) -> str:
-        # Step 0 is CE training, but its checkpoint must carry the Fisher that on_step_end computes
-        # (a reused base step skips that hook), so it is not shared with the other CE methods.
-        return "ce+ewc_fisher"
+    def step_end_from_model(self) -> bool:
+        # Step 0 is CE training and the Fisher a pass over its data: the step-0 checkpoint is the other
+        # CE methods', and a run that loads it estimates the Fisher on it.
+        return True
 
     # ---- step life cycle --------------------------------------------------------------------
     def on_step_start(self, model: nn.Module, old_model: Optional[nn.Module],
