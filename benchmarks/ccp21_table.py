@@ -18,6 +18,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 from ciss.results import RunDir
 
@@ -35,6 +36,23 @@ def command(method: str, task: str, setting: str, runs: Path, extra: list[str],
         "--set", f"name=ccp21-{task}-{setting}-{method}",
         *[a for kv in extra for a in ("--set", kv)],
     ]
+
+
+def recorded_command(run_dir: Path) -> Optional[list[str]]:
+    """The command a run was started with (meta.json's argv: `ciss train ...`, or `ciss bench GRID
+    --only NAME` for a grid's variant or seed), with the data folder as it sits beside the repo and
+    an absolute output folder as runs/<its name>. None without a record of it."""
+    meta = run_dir / "meta.json"
+    argv = json.loads(meta.read_text()).get("argv") if meta.is_file() else None
+    if not argv:
+        return None
+    out = ["ciss"]  # argv[0]: the `ciss` script, or ciss/cli.py under `python -m ciss.cli`
+    for a in argv[1:]:
+        a = a.replace(str(DATA), "../shared/datasets/ccp21")
+        if a.startswith("out_dir=/"):
+            a = f"out_dir=runs/{Path(a[len('out_dir='):]).name}"
+        out.append(a)
+    return out
 
 
 # posthoc.jsonl (`ciss eval --calibration`) is kept too: benchmarks/ccp21_calibration.py reuses its rows.
@@ -112,8 +130,9 @@ def main() -> int:
         for setting, method in jobs:
             summary = runs / f"ccp21-{args.task}-{setting}-{method}" / "summary.json"
             if summary.is_file():
-                done.append((setting, method, command(method, args.task, setting, runs, args.set, args.recipe),
-                             json.loads(summary.read_text())))
+                cmd = (recorded_command(summary.parent)
+                       or command(method, args.task, setting, runs, args.set, args.recipe))
+                done.append((setting, method, cmd, json.loads(summary.read_text())))
             else:
                 print(f"not finished: {setting} {method}")
     else:
