@@ -91,7 +91,8 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", required=True)
     ap.add_argument("--settings", nargs="+", default=["overlapped"])
     ap.add_argument("--task", default="15-1")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "ccp21"))
+    ap.add_argument("--runs", nargs="+", default=[str(ROOT / "runs" / "ccp21")],
+                    help="run folders; with --report-only each run is read from the first that holds it")
     ap.add_argument("--out", required=True)
     ap.add_argument("--recipe", default="cpu", help="the recipe of every run (the pages made before the "
                     "learning curves used what is now cpu-short)")
@@ -105,7 +106,12 @@ def main() -> int:
     if not DATA.is_dir():
         print(f"ccp21 not found at {DATA}; this benchmark needs the shared data folder", file=sys.stderr)
         return 2
-    runs = Path(args.runs)
+    folders = [Path(r) for r in args.runs]
+    runs = folders[0]
+
+    def found(name: str) -> Path:
+        """The folder of run `name`: the first of --runs where it finished (else the first's)."""
+        return next((f / name for f in folders if (f / name / "summary.json").is_file()), runs / name)
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     env = dict(os.environ)
     if args.jobs > 1:  # share the cores instead of oversubscribing them
@@ -128,7 +134,7 @@ def main() -> int:
     if args.report_only:  # tabulate the runs that finished, launch nothing
         done = []
         for setting, method in jobs:
-            summary = runs / f"ccp21-{args.task}-{setting}-{method}" / "summary.json"
+            summary = found(f"ccp21-{args.task}-{setting}-{method}") / "summary.json"
             if summary.is_file():
                 cmd = (recorded_command(summary.parent)
                        or command(method, args.task, setting, runs, args.set, args.recipe))
@@ -169,7 +175,7 @@ def main() -> int:
                   "|---|---:|---:|---:|---:|---:|---|"]
         for method, _, s in rows:
             f = s["steps"][-1]
-            meta = runs / f"ccp21-{args.task}-{setting}-{method}" / "meta.json"
+            meta = found(f"ccp21-{args.task}-{setting}-{method}") / "meta.json"
             rev = json.loads(meta.read_text()).get("git_sha", "")[:10] if meta.is_file() else ""
             # every invocation of a resumed run counted (summary.json's wall_time_s is the last one's)
             wall = RunDir(meta.parent, create=False).kept_wall_time() or s["wall_time_s"]
@@ -195,7 +201,9 @@ def main() -> int:
                   for _, cmd, _ in rows]
         lines += ["```", ""]
     if args.records:
-        keep(runs, Path(args.records), [f"ccp21-{args.task}-{s}-{m}" for s, m, _, _ in done])
+        for s, m, _, _ in done:
+            name = f"ccp21-{args.task}-{s}-{m}"
+            keep(found(name).parent, Path(args.records), [name])
     if args.notes:
         lines += [Path(args.notes).read_text()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
