@@ -10,6 +10,7 @@ from typing import Any, Callable, ContextManager, Optional
 
 from ciss.config import INTRODUCED, RunConfig, stable_hash, to_dict
 from ciss.data.base import SegDataset
+from ciss.engine.checkpoints import checkpoint_state
 from ciss.engine.data import cache_root
 from ciss.methods import Method
 from ciss.results import exclusive
@@ -59,3 +60,13 @@ def base_step_lock(path: Optional[Path], say: Callable[[str], None]) -> ContextM
         return contextlib.nullcontext()
     waiting = f"step 0: waiting for another run that trains the same base step ({path})"
     return exclusive(path.with_suffix(".lock"), on_wait=lambda: say(waiting))
+
+
+def shared_base_state(model: Any, method: Method) -> dict[str, Any]:
+    """The step-0 checkpoint shared by the methods of one base-step key: without the state a method
+    rebuilds from the model (`step_end_from_model`), which the others could not load."""
+    state = checkpoint_state(model, 0, method)
+    if method.step_end_from_model():
+        state["method"] = {}
+    return state
+

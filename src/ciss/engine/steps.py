@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ciss.calibration import parse_calibration
 from ciss.config import ConfigError, RunConfig, to_dict
-from ciss.engine.base_cache import base_cache_path, base_step_lock
+from ciss.engine.base_cache import base_cache_path, base_step_lock, shared_base_state
 from ciss.engine.checkpoints import (
     check_same_experiment,
     checkpoint_state,
@@ -300,17 +300,13 @@ class Experiment:
             self.load_into(core, partial)
 
         base_path = self.base_cache_path() if step == 0 and cfg.reuse_base else None
-        # one process trains a shared base step at a time; the others wait and then load it (not under
-        # DDP, whose ranks must all take the same branch)
         with base_step_lock(base_path if partial is None and not self.dist.enabled else None, self.log.print):
-            if base_path is not None and base_path.is_file() and partial is None:
+            dev_loader = DeviceLoader(loader, self.device)
+            reused = base_path is not None and base_path.is_file() and partial is None
+            if reused:
                 self.load_into(core, load_checkpoint(base_path))
                 self.log.print(f"step 0: reusing the base-step checkpoint {base_path}")
-                if self.method.step_end_from_model():  # what the shared checkpoint does not store
-                    seed_after_training(cfg.seed, step, loader)
-                    self.method.on_step_end(core, old_model, DeviceLoader(loader, self.device), ctx)
             else:
-                dev_loader = DeviceLoader(loader, self.device)
                 seed_step(cfg.seed, step, "train")  # resumed or not, the same draws from here on
                 self.method.on_step_start(core, old_model, dev_loader, ctx)
                 train_model = wrap_ddp(core, self.device, cfg.sync_bn) if self.dist.enabled else core
@@ -319,13 +315,11 @@ class Experiment:
                         continue
                     self.train_phase(train_model, old_model, loader, ctx, phase, i, lr, partial)
                     partial = None
-                seed_after_training(cfg.seed, step, loader)
+            if not reused or self.method.step_end_from_model():  # reused: what the shared file lacks
+                seed_after_training(cfg.seed, step, loader)  # the same draws, trained or reused
                 self.method.on_step_end(core, old_model, dev_loader, ctx)
-                if base_path is not None and self.dist.main:
-                    shared = checkpoint_state(core, 0, self.method)
-                    if self.method.step_end_from_model():  # shared with methods that keep no state
-                        shared["method"] = {}
-                    save_checkpoint(base_path, shared)
+            if base_path is not None and not reused and self.dist.main:
+                save_checkpoint(base_path, shared_base_state(core, self.method))
         if self.dist.main:
             save_checkpoint(self.run.step_ckpt(step), checkpoint_state(core, step, self.method))
             self.run.last_ckpt.unlink(missing_ok=True)
