@@ -8,6 +8,8 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
 
+from torch import nn
+
 from ciss.config import INTRODUCED, RunConfig, stable_hash, to_dict
 from ciss.data.base import SegDataset
 from ciss.engine.checkpoints import checkpoint_state
@@ -62,7 +64,7 @@ def base_step_lock(path: Optional[Path], say: Callable[[str], None]) -> ContextM
     return exclusive(path.with_suffix(".lock"), on_wait=lambda: say(waiting))
 
 
-def shared_base_state(model: Any, method: Method) -> dict[str, Any]:
+def shared_base_state(model: nn.Module, method: Method) -> dict[str, Any]:
     """The step-0 checkpoint shared by the methods of one base-step key: without the state a method
     rebuilds from the model (`step_end_from_model`), which the others could not load."""
     state = checkpoint_state(model, 0, method)

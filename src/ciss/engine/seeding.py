@@ -46,8 +46,9 @@ def seed_epoch(seed: int, step: int, phase: int, epoch: int, loader: DataLoader)
             set_epoch(phase * 100_000 + epoch)
 
 
-# The pass over a step's data after its training (on_step_end, e.g. EWC's Fisher) is seeded as an
-# epoch of a phase past every real one, whether the step was trained or loaded from the shared cache.
+# The pass over a step's data after its training (on_step_end: a method's statistics over it) is
+# seeded as an epoch of a phase past every real one, whether the step was trained or loaded from the
+# shared cache.
 AFTER_TRAINING = 10_000
 
 
